@@ -152,8 +152,10 @@ class ADMM:
         for d in leaves:
             _check_square(d)
         if self.mode == "textbook":
-            zeros = [jnp.zeros(d.shape, jnp.result_type(d)) for d in leaves]
-            return ADMMState(jax.tree_util.tree_unflatten(treedef, zeros), jax.tree_util.tree_unflatten(treedef, zeros))
+            def zeros():  # separate buffers for Z and Gamma (a train step may donate both)
+                return jax.tree_util.tree_unflatten(treedef, [jnp.zeros(d.shape, jnp.result_type(d)) for d in leaves])
+
+            return ADMMState(zeros(), zeros())
         if key is None or dim is None:
             raise ValueError("paper-mode ADMM.init needs key (a PRNG key) and dim (the training batch size)")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:

@@ -155,15 +155,23 @@ class QuantActivation(nn.Module):
 
     Records the B x B correlation gap into ``GAP_COLLECTION`` under the name "gap" when ``config.correlation``
     is on, a_bits < 32 and that collection is mutable (so evaluation does not pay for it).
+
+    ``axis_name``: inside ``shard_map``/``pmap``, all-gather the batch over this device axis first, so the gap is
+    the global (B_global x B_global) one; None (default) keeps per-device correlations of the local batch.
     """
 
     config: QuantConfig = QuantConfig()
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x):
         q = self.config.quantize_activation(x)
         if self.config.records_correlation and self.is_mutable_collection(GAP_COLLECTION):
-            gap = self.config.correlation_gap(x, q)
+            xs, qs = x, q
+            if self.axis_name is not None:
+                xs = jax.lax.all_gather(x, self.axis_name, tiled=True)
+                qs = jax.lax.all_gather(q, self.axis_name, tiled=True)
+            gap = self.config.correlation_gap(xs, qs)
             self.sow(GAP_COLLECTION, "gap", gap, init_fn=lambda: None, reduce_fn=lambda _, new: new)
         return q
 

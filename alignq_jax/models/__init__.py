@@ -1,0 +1,18 @@
+"""Models built from a ``QuantConfig`` with the reference's quantizer placement (section 7)."""
+
+from alignq_jax.models.resnet_cifar import BasicBlock, CifarResNet, resnet20, resnet56
+from alignq_jax.models.small_cnn import SmallCNN
+
+MODELS = {"resnet20": resnet20, "resnet56": resnet56, "small_cnn": SmallCNN}
+
+
+def get_model(name: str, **kwargs):
+    """Builds a model by name ("resnet20", "resnet56", "small_cnn") with keyword fields (config, num_classes, ...)."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ValueError(f"model must be one of {tuple(MODELS)}; got {name!r}") from None
+    return factory(**kwargs)
+
+
+__all__ = ["BasicBlock", "CifarResNet", "MODELS", "SmallCNN", "get_model", "resnet20", "resnet56"]

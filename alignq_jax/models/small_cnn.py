@@ -1,0 +1,35 @@
+"""A small CNN for 8x8 digits and 28x28 MNIST-like images, with AlignQ's placement conv -> BN -> Q -> ReLU."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from alignq_jax.models.resnet_cifar import batch_norm, conv_factory
+from alignq_jax.quantize import QuantActivation, QuantConfig
+
+
+class SmallCNN(nn.Module):
+    """conv(16) -> conv(32, stride 2) -> conv(32) blocks, global average pool, FP Dense classifier."""
+
+    config: QuantConfig = QuantConfig()
+    num_classes: int = 10
+    widths: Sequence[int] = (16, 32, 32)
+    strides: Sequence[int] = (1, 2, 1)
+    bn_axis_name: str | None = None
+    correlation_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = x.astype(self.dtype)
+        conv = conv_factory(self.config, self.dtype)
+        for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
+            x = conv(width, (3, 3), strides=stride, padding=1, name=f"conv{i}")(x)
+            x = batch_norm(train, self.bn_axis_name, self.dtype, name=f"bn{i}")(x)
+            x = nn.relu(QuantActivation(self.config, axis_name=self.correlation_axis_name, name=f"act{i}")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))

@@ -1,0 +1,9 @@
+"""Training: config, TrainState, pure train/eval steps (one device, shard_map, pmap), the fit loop."""
+
+from alignq_jax.training.state import TrainConfig, TrainState, create_train_state, make_model, make_optimizer
+from alignq_jax.training.steps import Steps, canonical_state, eval_step, make_steps, train_step
+
+__all__ = [
+    "Steps", "TrainConfig", "TrainState", "canonical_state", "create_train_state", "eval_step", "make_model",
+    "make_optimizer", "make_steps", "train_step",
+]

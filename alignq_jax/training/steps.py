@@ -1,0 +1,236 @@
+"""Pure train and eval steps, and their single-device / data-parallel (shard_map over a Mesh, or pmap) forms.
+
+One iteration (reference section 6): forward in train mode (quantized weights and activations, correlation gaps
+recorded), loss = CE + admm_weight * ADMM penalty, gradients (averaged over the device axis), optax update, then
+the ADMM update with this step's gaps (computed before the weight update, as the official code does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from alignq_jax.quantize import GAP_COLLECTION
+from alignq_jax.training.state import DATA_AXIS, TrainConfig, TrainState, make_model, make_optimizer
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, admm, admm_weight: float, axis_name: str | None = None):
+    """One optimisation step on the local batch. Returns (new state, metrics averaged over ``axis_name``).
+
+    batch: {"image": (B, H, W, C) float, "label": (B,) int}.
+    """
+    mutable = ["batch_stats", GAP_COLLECTION] if admm is not None else ["batch_stats"]
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=mutable
+        )
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        gaps = updates.get(GAP_COLLECTION, {})
+        penalty = admm.penalty(gaps, state.admm_state) if admm is not None else jnp.zeros(())
+        return ce + admm_weight * penalty, (ce, penalty, logits, updates["batch_stats"], gaps)
+
+    (loss, (ce, penalty, logits, batch_stats, gaps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    admm_state = admm.update(gaps, state.admm_state) if admm is not None else state.admm_state
+    metrics = {
+        "loss": loss,
+        "ce": ce,
+        "penalty": penalty,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)),
+    }
+    if axis_name is not None:
+        metrics = jax.lax.pmean(metrics, axis_name)
+    new_state = state.replace(
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        admm_state=admm_state,
+        step=state.step + 1,
+        rng=jax.random.split(state.rng)[0],
+    )
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model, axis_name: str | None = None):
+    """Sums over the (masked) local batch: {"correct", "loss_sum", "count"}; psum over ``axis_name``."""
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    sums = {
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+        "loss_sum": jnp.sum(ce * mask),
+        "count": jnp.sum(mask),
+    }
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    return sums
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parallel forms
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """Compiled step functions plus how to lay state and batches out on the devices.
+
+    ``train(state, batch)`` and ``evaluate(state, batch)`` take a state from ``place_state`` and batches from
+    ``place_batch`` (host numpy, global batch). States travel in a canonical layout (no device axis, except a
+    leading one on the ADMM leaves when every device keeps its own ADMM state): ``canonical_state`` makes it from
+    a fresh state, ``place_state`` puts it on the devices, ``host_state`` brings it back (checkpoints).
+    """
+
+    mode: str
+    num_devices: int
+    train: Callable
+    evaluate: Callable
+    place_state: Callable
+    place_batch: Callable
+    host_state: Callable
+    mesh: Mesh | None = None
+    per_device_admm: bool = False
+
+
+def resolve_parallel(config: TrainConfig) -> tuple[str, list]:
+    devices = jax.devices()
+    if config.num_devices is not None:
+        if config.num_devices > len(devices):
+            raise ValueError(f"num_devices={config.num_devices} but only {len(devices)} devices are visible")
+        devices = devices[: config.num_devices]
+    mode = config.parallel
+    if mode == "auto":
+        mode = "shard_map" if len(devices) > 1 else "none"
+    if mode == "none" and len(devices) > 1 and config.num_devices not in (None, 1):
+        raise ValueError("parallel='none' runs on one device; use num_devices=1 or shard_map/pmap")
+    if mode == "none":
+        devices = devices[:1]
+    return mode, devices
+
+
+def per_device_admm(config: TrainConfig, mode: str) -> bool:
+    """True when every device keeps its own ADMM state (per-device correlations)."""
+    return config.admm and mode != "none" and not config.global_correlation
+
+
+def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> Steps:
+    """Builds the jitted train/eval steps for ``config.parallel`` over ``config.num_devices`` devices."""
+    mode, devices = resolve_parallel(config)
+    n = len(devices)
+    for name, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
+        if size % n:
+            raise ValueError(f"{name}={size} must be divisible by the number of devices ({n})")
+    tx = make_optimizer(config, steps_per_epoch)
+    admm = config.make_admm() if config.admm else None
+    axis = None if mode == "none" else DATA_AXIS
+    model = make_model(config, num_classes, axis_name=axis)
+    local_train = partial(train_step, model=model, tx=tx, admm=admm, admm_weight=config.admm_weight, axis_name=axis)
+    local_eval = partial(eval_step, model=model, axis_name=axis)
+
+    if mode == "none":
+        device = devices[0]
+        put = lambda tree: jax.device_put(tree, device)  # noqa: E731
+        return Steps(mode, 1, jax.jit(local_train, donate_argnums=0), jax.jit(local_eval), put, put, jax.device_get)
+
+    split_admm = per_device_admm(config, mode)
+
+    if mode == "pmap":
+        def place_state(state):
+            return _broadcast_shared(state, n, split_admm)  # pmap shards the leading axis over its devices
+
+        def place_batch(batch):
+            return jax.tree.map(lambda x: np.reshape(x, (n, x.shape[0] // n) + x.shape[1:]), batch)
+
+        train = jax.pmap(local_train, axis_name=DATA_AXIS, devices=devices, donate_argnums=0)
+        evaluate = jax.pmap(local_eval, axis_name=DATA_AXIS, devices=devices)
+
+        def train_fn(state, batch):
+            state, metrics = train(state, batch)
+            return state, jax.tree.map(lambda m: m[0], metrics)
+
+        def eval_fn(state, batch):
+            return jax.tree.map(lambda m: m[0], evaluate(state, batch))
+
+        def host_state(state):
+            state = jax.device_get(state)
+            plain = jax.tree.map(lambda x: x[0], state.replace(admm_state=None))
+            admm_state = state.admm_state if split_admm else jax.tree.map(lambda x: x[0], state.admm_state)
+            return plain.replace(admm_state=admm_state)
+
+        return Steps(mode, n, train_fn, eval_fn, place_state, place_batch, host_state, None, split_admm)
+
+    # shard_map over a 1-D Mesh: the default data-parallel path. check_vma=False gives pmap's semantics (no
+    # implicit psum of gradients of replicated parameters), so the same explicit pmean serves both forms.
+    mesh = Mesh(np.array(devices), (DATA_AXIS,))
+    admm_spec = P(DATA_AXIS) if split_admm else P()
+
+    def state_specs(state):
+        specs = jax.tree.map(lambda _: P(), state.replace(admm_state=None))
+        if state.admm_state is not None:
+            specs = specs.replace(admm_state=jax.tree.map(lambda _: admm_spec, state.admm_state))
+        return specs
+
+    def sharded_train(state, batch):
+        def body(state, batch):
+            if split_admm:
+                state = state.replace(admm_state=jax.tree.map(lambda x: x[0], state.admm_state))
+            state, metrics = local_train(state, batch)
+            if split_admm:
+                state = state.replace(admm_state=jax.tree.map(lambda x: x[None], state.admm_state))
+            return state, metrics
+
+        specs = state_specs(state)
+        return jax.shard_map(
+            body, mesh=mesh, in_specs=(specs, P(DATA_AXIS)), out_specs=(specs, P()), check_vma=False
+        )(state, batch)
+
+    def sharded_eval(state, batch):
+        specs = state_specs(state)
+        return jax.shard_map(
+            local_eval, mesh=mesh, in_specs=(specs, P(DATA_AXIS)), out_specs=P(), check_vma=False
+        )(state, batch)
+
+    def place_state(state):
+        shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state))
+        return jax.device_put(state, shardings)
+
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+    def place_batch(batch):
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+
+    def host_state(state):
+        return jax.device_get(state)  # the global view is already the canonical layout
+
+    return Steps(
+        mode, n, jax.jit(sharded_train, donate_argnums=0), jax.jit(sharded_eval), place_state, place_batch,
+        host_state, mesh, split_admm,
+    )
+
+
+def _broadcast_shared(state: TrainState, n: int, split_admm: bool) -> TrainState:
+    """Adds a leading device axis of size n to every leaf that does not have one yet."""
+    plain = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), state.replace(admm_state=None))
+    admm_state = state.admm_state
+    if admm_state is not None and not split_admm:
+        admm_state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), admm_state)
+    return plain.replace(admm_state=admm_state)
+
+
+def canonical_state(steps: Steps, state: TrainState) -> TrainState:
+    """Fresh state (no device axis) -> the layout ``steps.place_state`` expects: per-device ADMM states get a
+    leading device axis (all devices start from the same state and diverge with their own gaps)."""
+    if steps.per_device_admm and state.admm_state is not None:
+        n = steps.num_devices
+        state = state.replace(admm_state=jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state.admm_state))
+    return state
