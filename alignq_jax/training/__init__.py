@@ -7,3 +7,7 @@ __all__ = [
     "Steps", "TrainConfig", "TrainState", "canonical_state", "create_train_state", "eval_step", "make_model",
     "make_optimizer", "make_steps", "train_step",
 ]
+
+from alignq_jax.training.loop import FitResult, evaluate, fit, load_variables, train_on_arrays  # noqa: E402
+
+__all__ += ["FitResult", "evaluate", "fit", "load_variables", "train_on_arrays"]

@@ -1,0 +1,233 @@
+"""The fit loop: epochs of jitted steps, evaluation, progress bar, JSONL metrics, Orbax checkpoints, resume.
+
+``fit`` takes any data set with the ``ArrayDataset`` batch interface (``train_batches``, ``test_batches``,
+``steps_per_epoch``, ``image_shape``, ``num_classes``); ``train_on_arrays`` is the entry point for numpy arrays.
+Evaluation runs on the test split after every epoch; results report both the last and the best epoch (the paper
+reports the best epoch on the test set, i.e. model selection on test data: we say so wherever we print it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from alignq_jax.data import ArrayDataset
+from alignq_jax.training.state import TrainConfig, TrainState, create_train_state
+from alignq_jax.training.steps import Steps, canonical_state, make_steps
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What ``fit`` returns: per-epoch history, the last and best epochs, and the final state (canonical layout)."""
+
+    history: list[dict]
+    last: dict
+    best: dict
+    state: TrainState
+    config: TrainConfig
+
+    def summary(self) -> dict:
+        return {
+            "last_epoch_test_accuracy": self.last["test_accuracy"],
+            "best_epoch_test_accuracy": self.best["test_accuracy"],
+            "best_epoch": self.best["epoch"],
+            "epochs": len(self.history),
+        }
+
+
+def evaluate(steps: Steps, placed_state, dataset, batch_size: int) -> dict:
+    """Test-split accuracy and mean cross-entropy (padded last batch masked out)."""
+    totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
+    for batch in dataset.test_batches(batch_size, **_shard_kwargs()):
+        sums = steps.evaluate(placed_state, steps.place_batch(batch))
+        for k in totals:
+            totals[k] += float(sums[k])
+    count = max(totals["count"], 1.0)
+    return {"test_accuracy": totals["correct"] / count, "test_loss": totals["loss_sum"] / count}
+
+
+def _shard_kwargs():
+    # Multi-host: every process reads its own part of each global batch.
+    return {"num_shards": jax.process_count(), "shard_index": jax.process_index()}
+
+
+def _checkpoint_manager(workdir: Path):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
+
+
+def save_checkpoint(manager, epoch: int, state: TrainState, meta: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, template: TrainState, epoch: int | None = None) -> tuple[TrainState, dict]:
+    import orbax.checkpoint as ocp
+
+    epoch = manager.latest_step() if epoch is None else epoch
+    restored = manager.restore(
+        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore())
+    )
+    return restored["state"], restored["meta"]
+
+
+def load_variables(checkpoint_dir: str | os.PathLike) -> dict:
+    """{"params", "batch_stats"} of the latest checkpoint in a run's workdir (for ``--init-from``)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(checkpoint_dir)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {checkpoint_dir}")
+    manager = ocp.CheckpointManager(path.absolute())
+    epoch = manager.latest_step()
+    if epoch is None:
+        raise FileNotFoundError(f"no checkpoint found in {path}")
+    restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = restored["state"]
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def fit(
+    config: TrainConfig,
+    dataset,
+    *,
+    workdir: str | os.PathLike | None = None,
+    init_variables: dict | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Trains ``config`` on ``dataset`` for ``config.epochs`` epochs, evaluating after each.
+
+    Args:
+      workdir: if given: ``metrics.jsonl`` (one line per epoch), ``steps.jsonl`` (every step), Orbax checkpoints
+        after every epoch, ``config.json``.
+      init_variables: {"params", "batch_stats"} to start from (e.g. the FP32 run).
+      resume: continue from the latest checkpoint in ``workdir`` (the next epoch; data order depends only on
+        (seed, epoch), so an interrupted and resumed run equals an uninterrupted one).
+      stop_after_epochs: stop early after this many epochs of this call (simulates an interruption; the
+        schedule still follows ``config.epochs``).
+      log: called with one line per epoch (e.g. ``print``); None is silent.
+    """
+    steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+    steps = make_steps(config, dataset.num_classes, steps_per_epoch)
+    gap_batch = config.batch_size if (steps.mode == "none" or config.global_correlation) else config.batch_size // steps.num_devices
+    state = create_train_state(
+        config, dataset.image_shape, dataset.num_classes, steps_per_epoch, gap_batch=gap_batch,
+        init_variables=init_variables,
+    )
+    state = canonical_state(steps, state)
+    workdir = Path(workdir) if workdir is not None else None
+    manager = None
+    history: list[dict] = []
+    start_epoch = 0
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        manager = _checkpoint_manager(workdir)
+        if resume and manager.latest_step() is not None:
+            state, meta = restore_checkpoint(manager, state)
+            history = meta["history"]
+            start_epoch = meta["epoch"] + 1
+        elif not resume:
+            for name in ("metrics.jsonl", "steps.jsonl"):
+                (workdir / name).unlink(missing_ok=True)
+        (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+
+    placed = steps.place_state(state)
+    end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, start_epoch + stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        placed, record = _run_epoch(config, dataset, steps, placed, epoch, steps_per_epoch, workdir, progress)
+        history.append(record)
+        if workdir is not None:
+            with open(workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(manager, epoch, steps.host_state(placed), {"epoch": epoch, "history": history})
+        if log is not None:
+            log(
+                f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} penalty {record['train_penalty']:.4f} "
+                f"train acc {record['train_accuracy']:.4f} test acc {record['test_accuracy']:.4f}"
+            )
+    if not history:
+        raise ValueError("no epoch was run: nothing to resume from, or epochs already complete")
+    best = max(history, key=lambda r: r["test_accuracy"])
+    return FitResult(history, history[-1], best, steps.host_state(placed), config)
+
+
+def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, workdir, progress):
+    from tqdm.auto import tqdm
+
+    sums = {"loss": 0.0, "ce": 0.0, "penalty": 0.0, "accuracy": 0.0}
+    n = 0
+    start = time.perf_counter()
+    batches = dataset.train_batches(config.batch_size, seed=config.seed, epoch=epoch, **_shard_kwargs())
+    bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+    step_log = open(workdir / "steps.jsonl", "a") if workdir is not None else None
+    try:
+        for batch in bar:
+            placed, metrics = steps.train(placed, steps.place_batch(batch))
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss became {metrics['loss']} at epoch {epoch + 1}, step {n + 1}")
+            for k in sums:
+                sums[k] += metrics[k]
+            n += 1
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", penalty=f"{metrics['penalty']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+            if step_log is not None:
+                step_log.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + n, **metrics}) + "\n")
+    finally:
+        if step_log is not None:
+            step_log.close()
+    train_seconds = time.perf_counter() - start
+    record = {
+        "epoch": epoch,
+        **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
+        "train_seconds": train_seconds,
+        "images_per_second": n * config.batch_size / max(train_seconds, 1e-9),
+    }
+    record.update(evaluate(steps, placed, dataset, config.eval_batch_size))
+    return placed, record
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    d["milestones"] = list(config.milestones)
+    return d
+
+
+def train_on_arrays(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    config: TrainConfig,
+    *,
+    num_classes: int | None = None,
+    augment: str = "none",
+    **fit_kwargs,
+) -> FitResult:
+    """Quantization-aware training on in-memory numpy arrays (NHWC images, integer labels).
+
+    Images are uint8 (0..255) or float in [0, 1]; they are normalised with the training mean/std. Returns the
+    history and final metrics (``FitResult``). Extra keyword arguments go to :func:`fit`.
+    """
+    labels = np.asarray(train_labels)
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    dataset = ArrayDataset(train_images, train_labels, test_images, test_labels, num_classes, augment=augment)
+    return fit(config, dataset, **fit_kwargs)
