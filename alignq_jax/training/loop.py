@@ -54,6 +54,18 @@ def evaluate(steps: Steps, placed_state, dataset, batch_size: int) -> dict:
     return {"test_accuracy": totals["correct"] / count, "test_loss": totals["loss_sum"] / count}
 
 
+def evaluate_datasets(config: TrainConfig, state: TrainState, datasets: dict) -> dict[str, dict]:
+    """Evaluates a finished state (canonical layout) on several data sets (e.g. shifted test sets), one device.
+
+    Compiles the eval step once for all of them. Returns {name: {"test_accuracy", "test_loss"}}.
+    """
+    single = dataclasses.replace(config, parallel="none", num_devices=1, admm=False)
+    any_ds = next(iter(datasets.values()))
+    steps = make_steps(single, any_ds.num_classes, 1)
+    placed = steps.place_state(state.replace(admm_state=None))
+    return {name: evaluate(steps, placed, ds, config.eval_batch_size) for name, ds in datasets.items()}
+
+
 def _shard_kwargs():
     # Multi-host: every process reads its own part of each global batch.
     return {"num_shards": jax.process_count(), "shard_index": jax.process_index()}
@@ -160,7 +172,7 @@ def fit(
             save_checkpoint(manager, epoch, steps.host_state(placed), {"epoch": epoch, "history": history})
         if log is not None:
             log(
-                f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} penalty {record['train_penalty']:.4f} "
+                f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} penalty {record['train_penalty']:.3g} "
                 f"train acc {record['train_accuracy']:.4f} test acc {record['test_accuracy']:.4f}"
             )
     if not history:
@@ -187,7 +199,7 @@ def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, wo
             for k in sums:
                 sums[k] += metrics[k]
             n += 1
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", penalty=f"{metrics['penalty']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", penalty=f"{metrics['penalty']:.3g}", acc=f"{metrics['accuracy']:.3f}")
             if step_log is not None:
                 step_log.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + n, **metrics}) + "\n")
     finally:

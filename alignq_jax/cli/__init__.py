@@ -1,0 +1,1 @@
+"""Command-line entry points; the scripts in experiments/ call these (tests call them directly)."""
