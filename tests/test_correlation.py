@@ -1,0 +1,172 @@
+"""Reference tests for alignq_jax.correlation (reference sections 4, 5.4 and quirk 9)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import ndtr
+
+from alignq_jax.correlation import batch_correlation, correlation_gap
+from alignq_jax.quantizers import cdf_align_activation
+
+# Worked example 3 (reference section 5.4): B = 3, F = 4, A = 2.
+X3 = np.array([[0.5, -1.0, 1.2, 0.0], [-0.3, 0.4, 2.0, -1.5], [1.1, 0.9, -0.7, 0.6]], np.float32)
+CORR_X3 = [[0.3508, -0.1311, -0.2197], [-0.1311, 0.7803, -0.6492], [-0.2197, -0.6492, 0.8689]]
+CORR_Y3 = [[0.3869, -0.1193, -0.2676], [-0.1193, 0.7324, -0.6131], [-0.2676, -0.6131, 0.8807]]
+D3 = [[0.0361, 0.0119, -0.0479], [0.0119, -0.0479, 0.0361], [-0.0479, 0.0361, 0.0119]]
+
+
+def np_corr(x, eps=1e-5):
+    """Independent float64 implementation of the spec: per-feature standardisation over the batch
+    with sqrt(var_unbiased + eps^2), then Xs Xs^T / F."""
+    x = np.asarray(x, np.float64)
+    b = x.shape[0]
+    m = x.reshape(b, -1)
+    ms = (m - m.mean(0)) / np.sqrt(m.var(0, ddof=1) + eps**2)
+    return ms @ ms.T / m.shape[1]
+
+
+def np_cdf(x, a=2.0):
+    return a * (2.0 * ndtr(np.asarray(x, np.float64)) - 1.0)
+
+
+def test_example3_corr_x_and_y():
+    cx = np.asarray(batch_correlation(jnp.asarray(X3)))
+    assert cx.shape == (3, 3)
+    np.testing.assert_allclose(cx, CORR_X3, atol=1e-4)
+    y = cdf_align_activation(jnp.asarray(X3), 2.0)
+    np.testing.assert_allclose(np.asarray(batch_correlation(y)), CORR_Y3, atol=1e-4)
+
+
+def test_example3_gap():
+    x = jnp.asarray(X3)
+    d = np.asarray(correlation_gap(x, cdf_align_activation(x, 2.0)))
+    np.testing.assert_allclose(d, D3, atol=1e-4)
+    # and against the float64 re-computation to float32 precision
+    np.testing.assert_allclose(d, np_corr(np_cdf(X3)) - np_corr(X3), atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 3, 3, 2), (8, 16)])
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+def test_batch_correlation_vs_numpy(shape, eps):
+    rng = np.random.default_rng(sum(shape))
+    x = (rng.standard_normal(shape) * rng.uniform(0.5, 3.0, shape[1:]) + rng.normal(size=shape[1:])).astype(np.float32)
+    got = np.asarray(batch_correlation(jnp.asarray(x), eps=eps))
+    assert got.shape == (shape[0], shape[0])
+    # eps = 0.5 distinguishes sqrt(var + eps^2) from std + eps
+    np.testing.assert_allclose(got, np_corr(x, eps), atol=1e-5)
+
+
+def test_eps_formula_is_sqrt_var_plus_eps_squared():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    eps = 0.7
+    got = np.asarray(batch_correlation(jnp.asarray(x), eps=eps))
+    m = x.astype(np.float64)
+    wrong = (m - m.mean(0)) / (m.std(0, ddof=1) + eps)
+    wrong = wrong @ wrong.T / m.shape[1]
+    assert np.abs(got - wrong).max() > 1e-2
+    np.testing.assert_allclose(got, np_corr(x, eps), atol=1e-5)
+
+
+def test_batch_correlation_invariants():
+    rng = np.random.default_rng(3)
+    b, f = 8, 12
+    x = rng.standard_normal((b, f)).astype(np.float32)
+    # constant features (dead channel, zero padding); values whose batch mean is exact in float32
+    x[:, 2] = 0.0
+    x[:, 5] = 4.0
+    x[:, 9] = -0.5
+    c = np.asarray(batch_correlation(jnp.asarray(x)), np.float64)
+    np.testing.assert_allclose(c, c.T, atol=1e-6)  # symmetric
+    np.testing.assert_allclose(c.sum(axis=1), 0.0, atol=1e-5)  # column means removed -> rows sum to 0
+    assert np.linalg.eigvalsh(c).min() > -1e-5  # Gram matrix: PSD
+    # trace = sum_f (B-1) var_f / (var_f + eps^2) / F  ->  (B-1) * (non-constant fraction)
+    np.testing.assert_allclose(np.trace(c), (b - 1) * (f - 3) / f, rtol=1e-4)
+    assert np.all(np.isfinite(c))
+    np.testing.assert_allclose(c, np_corr(x), atol=1e-5)
+
+
+def test_scale_and_shift_invariance():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 3, 3, 2)).astype(np.float32)
+    base = np.asarray(batch_correlation(jnp.asarray(x)))
+    for a, b in [(3.7, -1.2), (0.05, 4.0), (250.0, 0.0)]:
+        got = np.asarray(batch_correlation(jnp.asarray(a * x + b)))
+        np.testing.assert_allclose(got, base, atol=1e-4, err_msg=f"a={a} b={b}")
+    # per-feature positive affine maps too (each column is standardised on its own)
+    a_f = rng.uniform(0.2, 5.0, x.shape[1:]).astype(np.float32)
+    b_f = rng.normal(size=x.shape[1:]).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(batch_correlation(jnp.asarray(a_f * x + b_f))), base, atol=1e-4)
+
+
+def test_correlation_gap_definition():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    y = np.tanh(2 * x + 0.3 * rng.standard_normal((5, 8))).astype(np.float32)
+    d = np.asarray(correlation_gap(jnp.asarray(x), jnp.asarray(y)))
+    assert d.shape == (5, 5)
+    np.testing.assert_allclose(d, np_corr(y) - np_corr(x), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(correlation_gap(jnp.asarray(x), jnp.asarray(x))), 0.0, atol=1e-7)
+    # an affine y has no gap (A drops out, reference section 4)
+    np.testing.assert_allclose(np.asarray(correlation_gap(jnp.asarray(x), jnp.asarray(3 * x - 1))), 0.0, atol=1e-5)
+    d_eps = np.asarray(correlation_gap(jnp.asarray(x), jnp.asarray(y), eps=0.4))
+    np.testing.assert_allclose(d_eps, np_corr(y, 0.4) - np_corr(x, 0.4), atol=1e-5)
+
+
+def _gap_loss(x):
+    return jnp.sum(correlation_gap(x, cdf_align_activation(x, 2.0)) ** 2)
+
+
+def test_gradient_finite_with_constant_features():
+    """Reference quirk 9: a feature constant over the batch must not give NaN/inf gradients."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    x[:, 0, 0, :] = 0.0  # zero-padded border
+    x[:, 1, 2, 1] = 3.0  # constant non-zero feature
+    xj = jnp.asarray(x)
+    g = np.asarray(jax.grad(_gap_loss)(xj))
+    assert np.all(np.isfinite(g))
+    # exact derivative w.r.t. a constant column is 0 (its contribution to corr is quadratic in the deviation)
+    np.testing.assert_allclose(g[:, 0, 0, :], 0.0, atol=1e-4)
+    assert np.abs(g).max() > 1e-4  # the other features do get a gradient
+    g2 = np.asarray(jax.grad(lambda t: jnp.sum(batch_correlation(t) ** 2))(xj))
+    assert np.all(np.isfinite(g2))
+    # all-constant input: forward and gradient finite
+    z = jnp.zeros((4, 6), jnp.float32)
+    assert np.all(np.isfinite(np.asarray(batch_correlation(z))))
+    np.testing.assert_allclose(np.asarray(batch_correlation(z)), 0.0, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(jax.grad(_gap_loss)(z))))
+
+
+def test_gradient_matches_finite_differences():
+    """Directional derivative of sum(W * D(x)) vs a float64 central difference of the numpy formula."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    wmat = rng.standard_normal((5, 5))
+    direction = rng.standard_normal((5, 6))
+
+    def np_f(t):
+        return np.sum(wmat * (np_corr(np_cdf(t)) - np_corr(t)))
+
+    h = 1e-5
+    fd = (np_f(x + h * direction) - np_f(x - h * direction)) / (2 * h)
+    wj = jnp.asarray(wmat, jnp.float32)
+    g = jax.grad(lambda t: jnp.sum(wj * correlation_gap(t, cdf_align_activation(t, 2.0))))(jnp.asarray(x))
+    ad = float(np.sum(np.asarray(g, np.float64) * direction))
+    np.testing.assert_allclose(ad, fd, rtol=2e-3, atol=1e-4)
+
+
+def test_jit_matches_eager():
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((6, 2, 2, 3)), jnp.float32)
+    y = cdf_align_activation(x, 2.0)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(batch_correlation)(x)), np.asarray(batch_correlation(x)), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(correlation_gap)(x, y)), np.asarray(correlation_gap(x, y)), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(jax.grad(_gap_loss))(x)), np.asarray(jax.grad(_gap_loss)(x)), rtol=1e-4, atol=1e-6
+    )
