@@ -1,0 +1,163 @@
+"""End-to-end: the experiment scripts on generated local files, mocked TFDS data, missing data, the digits demo,
+and the README's usage example."""
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_fake_cifar(folder: Path, n_per_batch=8, n_test=12, seed=0):
+    rng = np.random.default_rng(seed)
+    d = folder / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for i in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n_per_batch)]}
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    test = {b"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
+            b"labels": [int(v) for v in rng.integers(0, 10, n_test)]}
+    (d / "test_batch").write_bytes(pickle.dumps(test))
+    return folder
+
+
+def _cifar_main(argv):
+    from alignq_jax.cli.classification import main
+
+    return main(argv, dataset="cifar10")
+
+
+COMMON = ["--fp-epochs", "1", "--epochs", "1", "--batch-size", "8", "--eval-batch-size", "8", "--limit-train", "16",
+          "--no-progress"]
+
+
+@pytest.mark.slow
+def test_cifar10_script_on_local_files_two_steps_then_resume(tmp_path):
+    data_dir = _write_fake_cifar(tmp_path / "data")
+    workdir = tmp_path / "run"
+    argv = ["--bits", "4", "--data-dir", str(data_dir), "--workdir", str(workdir), "--devices", "1",
+            "--model", "small_cnn", *COMMON]
+    assert _cifar_main(argv) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    assert [s["stage"] for s in results["stages"]] == ["fp32", "w4a4"]
+    quant = results["stages"][1]
+    assert quant["admm"] is True and quant["method"] == "alignq" and quant["levels"] == "exact"
+    assert 0.0 <= quant["last_epoch_test_accuracy"] <= 1.0
+    steps = (workdir / "w4a4" / "steps.jsonl").read_text().splitlines()
+    assert len(steps) == 2  # 16 images / batch 8
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in steps)
+    table = (workdir / "results.md").read_text()
+    assert "best epoch" in table and "last epoch" in table
+    assert (workdir / "accuracy.png").stat().st_size > 1000
+    # The quantized stage started from the FP32 stage's weights.
+    cfg = json.loads((workdir / "w4a4" / "config.json").read_text())
+    assert cfg["quant"]["w_bits"] == 4 and cfg["admm"] is True
+
+    # --resume with both stages done trains nothing and reproduces the results.
+    mtime = (workdir / "w4a4" / "metrics.jsonl").stat().st_mtime
+    assert _cifar_main(argv + ["--resume"]) == 0
+    assert (workdir / "w4a4" / "metrics.jsonl").stat().st_mtime == mtime
+
+    # --init-from the FP32 stage, the uniform baseline, paper ADMM and levels, progressive chain 8 -> 4.
+    workdir2 = tmp_path / "run2"
+    argv2 = ["--bits", "4", "--data-dir", str(data_dir), "--workdir", str(workdir2), "--init-from",
+             str(workdir / "fp32"), "--progressive", "--method", "uniform", "--admm-mode", "paper", "--levels",
+             "paper", "--model", "small_cnn", "--devices", "1", *COMMON]
+    assert _cifar_main(argv2) == 0
+    stages = json.loads((workdir2 / "results.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["w8a8", "w4a4"]
+    assert all(s["method"] == "uniform" and s["admm_mode"] == "paper" for s in stages)
+
+
+@pytest.mark.slow
+def test_cifar10_script_data_parallel_shard_map(tmp_path):
+    data_dir = _write_fake_cifar(tmp_path / "data", n_per_batch=16)
+    workdir = tmp_path / "run"
+    argv = ["--bits", "2", "--data-dir", str(data_dir), "--workdir", str(workdir), "--model", "small_cnn",
+            "--devices", "8", "--fp-epochs", "1", "--epochs", "1", "--batch-size", "16", "--eval-batch-size", "8",
+            "--limit-train", "32", "--no-progress"]
+    assert _cifar_main(argv) == 0
+    stages = json.loads((workdir / "results.json").read_text())["stages"]
+    assert len(stages) == 2 and all(np.isfinite(s["last_epoch_test_accuracy"]) for s in stages)
+
+
+def _write_tfds_metadata(name, data_dir, n):
+    """Makes TFDS see `name` as prepared under data_dir (metadata only; mock_data supplies the records)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+    splits = [tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0) for s in ("train", "test")]
+    builder.info.set_splits(tfds.core.SplitDict(splits))
+    Path(builder.data_dir).mkdir(parents=True, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+@pytest.mark.slow
+def test_cifar10_script_on_mock_tfds(tmp_path):
+    import tensorflow_datasets as tfds
+
+    _write_tfds_metadata("cifar10", tmp_path / "tfds", 16)
+    workdir = tmp_path / "run"
+    # The default model (ResNet-20) end to end on the real TFDS code path.
+    argv = ["--bits", "4", "--data-dir", str(tmp_path / "tfds"), "--workdir", str(workdir), "--devices", "1", *COMMON]
+    with tfds.testing.mock_data(num_examples=16, data_dir=str(tmp_path / "tfds")):
+        assert _cifar_main(argv) == 0
+    stages = json.loads((workdir / "results.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["fp32", "w4a4"]
+    assert len((workdir / "w4a4" / "steps.jsonl").read_text().splitlines()) == 2
+
+
+def test_missing_data_fails_fast_with_instructions(tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "cifar10.py"), "--bits", "4", "--data-dir", str(tmp_path),
+         "--workdir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2
+    assert "download_and_prepare" in proc.stderr and "--data-dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 60  # not TFDS's ~200 s of download retries
+
+
+def test_cli_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        _cifar_main(["--bits", "9"])
+    with pytest.raises(SystemExit):
+        _cifar_main(["--bits", "4", "--epochs", "0", "--data-dir", "nowhere"])
+    assert "--epochs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_digits_demo_tiny_settings(tmp_path):
+    from alignq_jax.cli.digits_demo import main
+
+    workdir = tmp_path / "digits"
+    assert main(["--bits", "4", "--fp-epochs", "4", "--epochs", "2", "--seeds", "1", "--workdir", str(workdir),
+                 "--no-progress"]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    summary = results["summary"]
+    assert set(summary) == {"fp32", "uniform", "alignq", "alignq+admm"}
+    for variant, entry in summary.items():
+        assert entry["clean"][0] > 0.5, variant  # chance is 0.1
+        assert set(entry) >= {"clean", "brightness+0.2", "contrast x0.5", "blend 0.3"}
+    assert (workdir / "accuracy.png").stat().st_size > 1000
+    assert "±" in (workdir / "results.md").read_text()
+
+
+def test_readme_usage_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README has no python example"
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace.get("checked") is True  # the example ends by setting checked = True after its asserts
