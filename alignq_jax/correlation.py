@@ -42,12 +42,37 @@ def batch_correlation(x, eps=1e-5):
     return (xs @ xs.T) / xs.shape[1]
 
 
-def correlation_gap(x, y, eps=1e-5):
+def sample_features(x, y, key, num_features):
+    """The same random subset of about ``num_features`` feature columns of x and y: (B, K) each.
+
+    A strided subset: stride s = F // num_features, a random offset o in [0, s), columns o, o+s, ..., o+(K-1)s
+    with K = F // s. Every feature is drawn with probability 1/s when s divides F (then the estimate below is
+    exactly unbiased: corr(.) is a mean over features of per-feature outer products and the standardisation is
+    per feature); otherwise the last F mod s features are never drawn. A strided slice (rather than a random
+    gather) keeps the backward a cheap dynamic update instead of a scatter.
+    """
+    b = x.shape[0]
+    xf, yf = x.reshape(b, -1), y.reshape(b, -1)
+    f = xf.shape[1]
+    stride = max(1, f // num_features)
+    k = f // stride
+    offset = jax.random.randint(key, (), 0, stride)
+
+    def take(m):
+        blocks = m[:, : k * stride].reshape(b, k, stride)
+        return jax.lax.dynamic_slice_in_dim(blocks, offset, 1, axis=2)[..., 0]
+
+    return take(xf), take(yf)
+
+
+def correlation_gap(x, y, eps=1e-5, *, num_features=None, key=None):
     """D = corr(y) - corr(x) (reference section 4): how much the transform x -> y changed the batch correlations.
 
     Args:
       x: (B, ...) quantizer input (the BatchNorm output).
       y: same shape: the aligned, unrounded output (official code) or the rounded output (Theorem 3.2's Q(X)).
+      num_features, key: if given and smaller than the feature count F, an unbiased estimate from that many
+        random features (see :func:`sample_features`), costing num_features/F of the exact term.
     Returns: (B, B).
 
     Computed with one B x F by F x B matmul: with P = ys - xs and Q = ys + xs, the symmetric part of P Q^T equals
@@ -55,6 +80,14 @@ def correlation_gap(x, y, eps=1e-5):
     """
     if jnp.shape(x) != jnp.shape(y):
         raise ValueError(f"x and y must have the same shape; got {jnp.shape(x)} and {jnp.shape(y)}")
+    if num_features is not None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int or None; got {num_features!r}")
+        if key is None:
+            raise ValueError("num_features needs a PRNG key")
+        _check_batch(x)
+        if num_features < x[0].size:
+            x, y = sample_features(x, y, key, num_features)
     xs = standardise_features(x, eps)
     ys = standardise_features(y, eps)
     m = ((ys - xs) @ (ys + xs).T) / xs.shape[1]

@@ -32,6 +32,7 @@ from alignq_jax import correlation as _correlation
 from alignq_jax import quantizers as _q
 
 GAP_COLLECTION = "correlation_gaps"
+CORRELATION_RNG = "correlation"  # RNG stream for the sampled-feature estimate of the gap
 CORRELATION_TARGETS = ("aligned", "quantized")
 
 
@@ -49,6 +50,8 @@ class QuantConfig:
       correlation_target: "aligned" compares x with the unrounded aligned output (official code) or
         "quantized" with the rounded output (the paper's Theorem 3.2 is about X vs Q(X)).
       correlation_eps: stabiliser of the per-feature batch std.
+      correlation_features: None (exact gap) or K: estimate each gap from K random features per step (unbiased;
+        the Flax layer then needs the RNG stream "correlation").
       stop_stats_grad: treat the weight mean/std as constants in the gradient (official: False).
       surrogate: None (straight-through rounding) or (lam, lam2) for the paper's soft-step weight gradient
         (opt-in; reference section 3).
@@ -62,6 +65,7 @@ class QuantConfig:
     correlation: bool = False
     correlation_target: str = "aligned"
     correlation_eps: float = 1e-5
+    correlation_features: int | None = None
     stop_stats_grad: bool = False
     surrogate: tuple[float, float] | None = None
 
@@ -77,6 +81,9 @@ class QuantConfig:
             raise ValueError(f"correlation_target must be one of {CORRELATION_TARGETS}; got {self.correlation_target!r}")
         if not self.correlation_eps > 0:
             raise ValueError(f"correlation_eps must be positive; got {self.correlation_eps!r}")
+        cf = self.correlation_features
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, int) or cf < 2):
+            raise ValueError(f"correlation_features must be None or an int >= 2; got {cf!r}")
         if self.surrogate is not None:
             object.__setattr__(self, "surrogate", _q._check_surrogate(self.surrogate))
 
@@ -90,17 +97,29 @@ class QuantConfig:
         fn = _q.get_quantizers(self.method).weight
         return fn(w, self.w_bits, levels=self.levels, stop_stats_grad=self.stop_stats_grad, surrogate=self.surrogate)
 
-    def quantize_activation(self, x):
+    def quantize_activation(self, x, relu=False):
+        """Quantized activations; ``relu`` fuses the ReLU that follows (same values, less backward memory)."""
         fn = _q.get_quantizers(self.method).activation
-        return fn(x, self.a_bits, act_range=self.act_range, levels=self.levels)
+        return fn(x, self.a_bits, act_range=self.act_range, levels=self.levels, relu=relu)
 
-    def correlation_gap(self, x, quantized):
-        """B x B gap between x and the configured target (aligned or quantized output)."""
+    def pre_relu_output(self, x, q, relu):
+        """The quantized output before a fused ReLU, when the gap compares against it (else ``q`` as is)."""
+        if relu and self.correlation_target == "quantized":
+            return self.quantize_activation(x)
+        return q
+
+    def correlation_gap(self, x, quantized, key=None):
+        """B x B gap between x and the configured target (aligned or quantized output).
+
+        ``key`` is required when ``correlation_features`` is set (a fresh key per step).
+        """
         if self.correlation_target == "quantized":
             target = quantized
         else:
             target = _q.get_quantizers(self.method).align_activation(x, self.act_range)
-        return _correlation.correlation_gap(x, target, self.correlation_eps)
+        return _correlation.correlation_gap(
+            x, target, self.correlation_eps, num_features=self.correlation_features, key=key
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,22 +175,25 @@ class QuantActivation(nn.Module):
     Records the B x B correlation gap into ``GAP_COLLECTION`` under the name "gap" when ``config.correlation``
     is on, a_bits < 32 and that collection is mutable (so evaluation does not pay for it).
 
+    ``relu``: also apply the ReLU that follows (fused; the correlation gap still uses the pre-ReLU values).
     ``axis_name``: inside ``shard_map``/``pmap``, all-gather the batch over this device axis first, so the gap is
     the global (B_global x B_global) one; None (default) keeps per-device correlations of the local batch.
     """
 
     config: QuantConfig = QuantConfig()
     axis_name: str | None = None
+    relu: bool = False
 
     @nn.compact
     def __call__(self, x):
-        q = self.config.quantize_activation(x)
+        q = self.config.quantize_activation(x, relu=self.relu)
         if self.config.records_correlation and self.is_mutable_collection(GAP_COLLECTION):
-            xs, qs = x, q
+            xs, qs = x, self.config.pre_relu_output(x, q, self.relu)
             if self.axis_name is not None:
                 xs = jax.lax.all_gather(x, self.axis_name, tiled=True)
                 qs = jax.lax.all_gather(q, self.axis_name, tiled=True)
-            gap = self.config.correlation_gap(xs, qs)
+            key = self.make_rng(CORRELATION_RNG) if self.config.correlation_features else None
+            gap = self.config.correlation_gap(xs, qs, key)
             self.sow(GAP_COLLECTION, "gap", gap, init_fn=lambda: None, reduce_fn=lambda _, new: new)
         return q
 
@@ -254,13 +276,19 @@ class NNXQuantLinear(nnx.Linear):
 class NNXQuantActivation(nnx.Module):
     """NNX activation quantizer; stores the correlation gap in ``self.gap`` when ``record_correlation``."""
 
-    def __init__(self, config: QuantConfig = QuantConfig(), *, record_correlation: bool = True):
+    def __init__(self, config: QuantConfig = QuantConfig(), *, relu: bool = False, record_correlation: bool = True,
+                 rngs=None):
         self.config = config
+        self.relu = relu
         self.record_correlation = record_correlation
         self.gap = CorrelationGap(jax.numpy.zeros((0, 0)))
+        if config.correlation_features and rngs is None:
+            raise ValueError("correlation_features needs rngs (an nnx.Rngs with a 'correlation' stream)")
+        self.rngs = rngs
 
     def __call__(self, x):
-        q = self.config.quantize_activation(x)
+        q = self.config.quantize_activation(x, relu=self.relu)
         if self.config.records_correlation and self.record_correlation:
-            self.gap.set_value(self.config.correlation_gap(x, q))
+            key = self.rngs[CORRELATION_RNG]() if self.config.correlation_features else None
+            self.gap.set_value(self.config.correlation_gap(x, self.config.pre_relu_output(x, q, self.relu), key))
         return q

@@ -229,23 +229,29 @@ def _alignq_activation_forward(x, bits, levels, a):
 # One custom VJP for the whole activation quantizer: the backward keeps only x and computes 2*A*phi(x)*g, which
 # equals straight-through rounding composed with the exact CDF derivative, without storing the CDF's
 # intermediates (less memory and one fused elementwise kernel each way).
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _alignq_activation(x, bits, levels, a):
-    return _alignq_activation_forward(x, bits, levels, a)
+# With relu=True the ReLU that follows is fused in too, and its mask is recomputed from x in the backward, so
+# quantizer + ReLU keep one tensor for the backward, as a plain BN -> ReLU does.
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _alignq_activation(x, bits, levels, a, relu):
+    q = _alignq_activation_forward(x, bits, levels, a)
+    return jnp.maximum(q, 0.0) if relu else q
 
 
-def _alignq_activation_fwd(x, bits, levels, a):
-    return _alignq_activation_forward(x, bits, levels, a), x
+def _alignq_activation_fwd(x, bits, levels, a, relu):
+    return _alignq_activation(x, bits, levels, a, relu), x
 
 
-def _alignq_activation_bwd(bits, levels, a, x, g):
-    return (g * ((2.0 * a) * normal_pdf(x)).astype(g.dtype),)
+def _alignq_activation_bwd(bits, levels, a, relu, x, g):
+    factor = (2.0 * a) * normal_pdf(x)
+    if relu:
+        factor = jnp.where(_alignq_activation_forward(x, bits, levels, a) > 0, factor, 0.0)
+    return (g * factor.astype(g.dtype),)
 
 
 _alignq_activation.defvjp(_alignq_activation_fwd, _alignq_activation_bwd)
 
 
-def alignq_activation(x, bits, *, act_range=2.0, levels="exact"):
+def alignq_activation(x, bits, *, act_range=2.0, levels="exact", relu=False):
     """AlignQ activation quantizer (reference section 2): standard-normal CDF, scaled to (-A, A), rounded.
 
     Args:
@@ -254,14 +260,16 @@ def alignq_activation(x, bits, *, act_range=2.0, levels="exact"):
       act_range: A > 0. exact: A*(2*round(n*Phi(x))/n - 1) (2^bits levels); paper: round(n*A*(2*Phi(x)-1))/n
         (4n+1 levels for A=2; sign at 1 bit).
       levels: "exact" or "paper".
-    Returns: same shape as x. Gradient: 2*A*phi(x) (STE through the rounding).
+      relu: apply the ReLU that follows the quantizer (reference section 7 placement) in the same fused op; the
+        result equals ``jax.nn.relu(alignq_activation(x, ...))`` with less memory kept for the backward.
+    Returns: same shape as x. Gradient: 2*A*phi(x) (STE through the rounding), times the ReLU mask if relu.
     """
     bits = check_bits(bits)
     levels = check_levels(levels)
     a = check_act_range(act_range)
     if bits == 32:
-        return x
-    return _alignq_activation(x, bits, levels, a)
+        return jax.nn.relu(x) if relu else x
+    return _alignq_activation(x, bits, levels, a, bool(relu))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,14 +304,19 @@ def uniform_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=
     return _grid_from_unit_interval(u, bits, "exact", surrogate)
 
 
-def uniform_activation(x, bits, *, act_range=2.0, levels="exact"):
+def uniform_activation(x, bits, *, act_range=2.0, levels="exact", relu=False):
     """Plain uniform activation quantizer on (-A, A), placed where AlignQ's is (after BN, before ReLU).
 
     paper: round(n*clip(x, -A, A))/n (4n+1 levels for A=2, like AlignQ's paper grid). exact: the 2^bits-level
     grid A*(2*round(n*(clip(x,-A,A)/A+1)/2)/n - 1). Gradient 1 inside (-A, A), 0 outside. The official
     baseline quantizes after ReLU on [0, 1] instead (reference 9); we keep AlignQ's placement so that the
-    comparison changes only the alignment.
+    comparison changes only the alignment. ``relu`` applies the following ReLU (as in :func:`alignq_activation`).
     """
+    q = _uniform_activation(x, bits, act_range, levels)
+    return jax.nn.relu(q) if relu else q
+
+
+def _uniform_activation(x, bits, act_range, levels):
     bits = check_bits(bits)
     levels = check_levels(levels)
     a = check_act_range(act_range)

@@ -53,7 +53,7 @@ class BasicBlock(nn.Module):
         bn = partial(batch_norm, train, self.bn_axis_name, self.dtype)
         act = partial(QuantActivation, self.config, axis_name=self.correlation_axis_name)
         y = conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv0")(x)
-        y = nn.relu(act(name="act0")(bn(name="bn0")(y)))
+        y = act(name="act0", relu=True)(bn(name="bn0")(y))  # BN -> Q -> ReLU, fused
         y = conv(self.features, (3, 3), padding=1, name="conv1")(y)
         y = act(name="act1")(bn(name="bn1")(y))
         if self.strides != 1 or x.shape[-1] != self.features:
@@ -78,7 +78,7 @@ class CifarResNet(nn.Module):
         x = x.astype(self.dtype)
         x = conv_factory(self.config, self.dtype)(self.widths[0], (3, 3), padding=1, name="stem_conv")(x)
         x = batch_norm(train, self.bn_axis_name, self.dtype, name="stem_bn")(x)
-        x = nn.relu(QuantActivation(self.config, axis_name=self.correlation_axis_name, name="stem_act")(x))
+        x = QuantActivation(self.config, axis_name=self.correlation_axis_name, relu=True, name="stem_act")(x)
         for stage, width in enumerate(self.widths):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1

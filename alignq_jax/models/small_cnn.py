@@ -30,6 +30,6 @@ class SmallCNN(nn.Module):
         for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
             x = conv(width, (3, 3), strides=stride, padding=1, name=f"conv{i}")(x)
             x = batch_norm(train, self.bn_axis_name, self.dtype, name=f"bn{i}")(x)
-            x = nn.relu(QuantActivation(self.config, axis_name=self.correlation_axis_name, name=f"act{i}")(x))
+            x = QuantActivation(self.config, axis_name=self.correlation_axis_name, relu=True, name=f"act{i}")(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))

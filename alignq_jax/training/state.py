@@ -12,7 +12,7 @@ import optax
 
 from alignq_jax.admm import ADMM, MODES as ADMM_MODES
 from alignq_jax.models import MODELS, get_model
-from alignq_jax.quantize import GAP_COLLECTION, QuantConfig
+from alignq_jax.quantize import CORRELATION_RNG, GAP_COLLECTION, QuantConfig
 
 PARALLEL_MODES = ("auto", "none", "shard_map", "pmap")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -157,7 +157,8 @@ def create_train_state(
     key = jax.random.key(config.seed)
     init_key, admm_key, rng = jax.random.split(key, 3)
     model = make_model(config, num_classes)
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((gap_batch, *image_shape), jnp.float32), train=True))(init_key)
+    dummy = jnp.zeros((gap_batch, *image_shape), jnp.float32)
+    variables = jax.jit(lambda k: model.init({"params": k, CORRELATION_RNG: k}, dummy, train=True))(init_key)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     if init_variables is not None:
         params = _restore_like(params, init_variables["params"], "params")

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from alignq_jax.quantize import GAP_COLLECTION
+from alignq_jax.quantize import CORRELATION_RNG, GAP_COLLECTION
 from alignq_jax.training.state import DATA_AXIS, TrainConfig, TrainState, make_model, make_optimizer
 
 
@@ -28,9 +28,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, admm, admm_weight: 
     """
     mutable = ["batch_stats", GAP_COLLECTION] if admm is not None else ["batch_stats"]
 
+    # A fresh key per step (and per device) for the sampled-feature correlation estimate.
+    step_key = state.rng if axis_name is None else jax.random.fold_in(state.rng, jax.lax.axis_index(axis_name))
+
     def loss_fn(params):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=mutable
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=mutable,
+            rngs={CORRELATION_RNG: step_key},
         )
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         gaps = updates.get(GAP_COLLECTION, {})

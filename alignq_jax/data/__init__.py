@@ -1,0 +1,47 @@
+"""Data layer (design.md layer 5): in-memory data sets, fixed-shape numpy batches, the paper's recipes.
+
+Reference: alignq-reference.md section 8. Every loader returns an ``ArrayDataset``; its ``train_batches`` /
+``test_batches`` yield ``{"image": (B, H, W, C) float32, "label": (B,) int32, "mask": (B,) bool}``.
+
+    from alignq_jax.data import load_dataset
+    ds = load_dataset("cifar10", data_dir="~/data")          # local files or prepared TFDS data, no network
+    for batch in ds.train_batches(128, seed=0, epoch=epoch):  # shuffled, crop+flip, normalised
+        ...
+"""
+
+from alignq_jax.data.augment import augment_batch, crop_flip, normalize, random_crop_flip
+from alignq_jax.data.batching import epoch_indices, iterate_batches, num_batches, prefetch_in_thread
+from alignq_jax.data.dataset import ArrayDataset, channel_stats
+from alignq_jax.data.load import find_local_files, load_dataset
+from alignq_jax.data.local_files import load_cifar10_python, load_idx, load_svhn_mat, read_idx
+from alignq_jax.data.offline import load_digits_dataset
+from alignq_jax.data.specs import DATASET_SPECS, DataNotFoundError, DatasetSpec, canonical_name, get_spec
+from alignq_jax.data.tfds_source import how_to_get, load_tfds, tfds_is_prepared
+
+__all__ = [
+    "ArrayDataset",
+    "DATASET_SPECS",
+    "DataNotFoundError",
+    "DatasetSpec",
+    "augment_batch",
+    "canonical_name",
+    "channel_stats",
+    "crop_flip",
+    "epoch_indices",
+    "find_local_files",
+    "get_spec",
+    "how_to_get",
+    "iterate_batches",
+    "load_cifar10_python",
+    "load_dataset",
+    "load_digits_dataset",
+    "load_idx",
+    "load_svhn_mat",
+    "load_tfds",
+    "normalize",
+    "num_batches",
+    "prefetch_in_thread",
+    "random_crop_flip",
+    "read_idx",
+    "tfds_is_prepared",
+]

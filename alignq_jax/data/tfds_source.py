@@ -1,0 +1,168 @@
+"""TensorFlow Datasets source without TensorFlow: prepared array_record data read through ``as_data_source``.
+
+``tfds.load`` needs TensorFlow and, when the data is missing, tries to download it (offline that hangs for
+minutes in retries). Here the builder is only asked whether its prepared version folder exists
+(``builder.is_prepared()``: ``dataset_info.json`` + ``features.json`` under ``<data_dir>/<name>/<version>``,
+a local file check) and ``DataNotFoundError`` is raised at once when it does not, unless ``download=True``.
+The prepared splits are then read through ``builder.as_data_source`` (random access, array_record or parquet
+files, no TensorFlow) into uint8 numpy arrays; CIFAR-10 is about 180 MB in memory.
+
+Data prepared by ``tfds.load`` in the default TFRecord format cannot be read without TensorFlow; if
+TensorFlow is importable it is used for that case, otherwise the error says how to convert the data.
+
+Reference: alignq-reference.md section 8 (splits and recipes: SVHN uses ``train`` only, not ``extra``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from alignq_jax.data.dataset import ArrayDataset
+from alignq_jax.data.specs import DataNotFoundError, DatasetSpec, canonical_name, get_spec
+
+logger = logging.getLogger(__name__)
+
+TFDS_NAMES = ("cifar10", "svhn_cropped", "mnist", "fashion_mnist")
+
+_LOCAL_HINTS = {
+    "cifar10": "the CIFAR-10 python batches (the folder cifar-10-batches-py, or cifar-10-python.tar.gz)",
+    "mnist": "the MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+    "t10k-labels-idx1-ubyte, optionally .gz)",
+    "fashion_mnist": "the Fashion-MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz)",
+    "svhn_cropped": "the SVHN files train_32x32.mat and test_32x32.mat",
+}
+
+
+def how_to_get(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """Human-readable instructions for obtaining ``name`` (used in ``DataNotFoundError`` messages)."""
+    key = canonical_name(name)
+    target = repr(str(data_dir)) if data_dir is not None else "None"
+    lines = [
+        "To get the data:",
+        f"  * on a machine with internet: python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.builder('{key}', data_dir={target}, file_format='array_record').download_and_prepare()\" "
+        "and copy that data_dir here (or call the loader with download=True / run the experiment with "
+        "--download while online);",
+    ]
+    if key in _LOCAL_HINTS:
+        lines.append(f"  * or pass data_dir (--data-dir) pointing at {_LOCAL_HINTS[key]};")
+    lines.append("  * for an offline demo use the 'digits' data set (shipped with scikit-learn).")
+    return "\n".join(lines)
+
+
+def _tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as exc:  # pragma: no cover - tfds is a requirement
+        raise DataNotFoundError("tensorflow-datasets is not installed: pip install tensorflow-datasets") from exc
+    return tfds
+
+
+def tfds_builder(name: str, data_dir: str | os.PathLike | None = None) -> Any:
+    """``tfds.builder(name, data_dir=...)``: code-defined builder; touches only the local file system."""
+    key = canonical_name(name)
+    if key not in TFDS_NAMES:
+        raise ValueError(f"{name!r} is not a TFDS data set here; TFDS names: {', '.join(TFDS_NAMES)}")
+    tfds = _tfds()
+    return tfds.builder(key, data_dir=None if data_dir is None else os.fspath(data_dir))
+
+
+def tfds_is_prepared(name: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the prepared TFDS data of ``name`` exists under ``data_dir`` (TFDS default dirs if None).
+
+    A local check (no network): ``builder.is_prepared()``.
+    """
+    return bool(tfds_builder(name, data_dir).is_prepared())
+
+
+def _read_split(source: Any, spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
+    n = len(source)
+    images = np.empty((n, *spec.image_shape), np.uint8)
+    labels = np.empty(n, np.int64)
+    for i in range(n):  # one record at a time: decoding dominates, and Sequence indexing works everywhere
+        example = source[i]
+        img = np.asarray(example["image"])
+        if img.shape != spec.image_shape:
+            raise ValueError(f"{spec.name}/{split}[{i}]: image shape {img.shape}, expected {spec.image_shape}")
+        images[i] = img
+        labels[i] = example["label"]
+    return images, labels
+
+
+def _random_access_formats(builder: Any) -> list:
+    from tensorflow_datasets.core import file_adapters
+
+    suitable = set(file_adapters.FileFormat.with_random_access())
+    info = builder.info
+    available = [info.file_format] if info.file_format is not None else []
+    try:
+        available += list(info.available_file_formats())
+    except Exception:  # older TFDS: only the main format
+        pass
+    return [f for f in available if f in suitable]
+
+
+def _read_with_tensorflow(builder: Any, spec: DatasetSpec) -> tuple[np.ndarray, ...]:  # pragma: no cover
+    tfds = _tfds()
+    out = []
+    for split in (spec.train_split, spec.test_split):
+        data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
+        out += [np.asarray(data[0], np.uint8), np.asarray(data[1], np.int64)]
+    return tuple(out)
+
+
+def load_tfds(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False) -> ArrayDataset:
+    """Loads a prepared TFDS data set into memory without TensorFlow (recipe of reference section 8).
+
+    Args:
+      name: ``cifar10``, ``svhn_cropped``, ``mnist`` or ``fashion_mnist`` (aliases such as ``svhn`` work).
+      data_dir: TFDS data dir (the one holding ``<name>/<version>/``); ``None``: TFDS defaults
+        (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+      download: if the data is not prepared, run ``download_and_prepare(file_format="array_record")``
+        (needs internet). Default False: fail at once instead.
+
+    Returns:
+      ``ArrayDataset`` with uint8 (N, H, W, C) images, int32 labels, and the data set's mean/std/augment.
+
+    Raises:
+      DataNotFoundError: the data is not prepared under ``data_dir`` (raised after a local check, in well
+        under a second; the message says how to get it), or it is prepared only as TFRecord and TensorFlow
+        is not installed.
+    """
+    spec = get_spec(name)
+    builder = tfds_builder(spec.name, data_dir)
+    if not builder.is_prepared():
+        if not download:
+            raise DataNotFoundError(
+                f"{spec.name}: no prepared TFDS data at {builder.data_path} (data_dir={data_dir!r}); nothing "
+                f"was downloaded.\n{how_to_get(spec.name, data_dir)}"
+            )
+        logger.info("downloading and preparing %s into %s", spec.name, builder.data_dir_root)
+        builder.download_and_prepare(file_format="array_record")
+    formats = _random_access_formats(builder)
+    if formats:
+        sources = {
+            split: builder.as_data_source(split=split, file_format=formats[0])
+            for split in (spec.train_split, spec.test_split)
+        }
+        tr_x, tr_y = _read_split(sources[spec.train_split], spec, spec.train_split)
+        te_x, te_y = _read_split(sources[spec.test_split], spec, spec.test_split)
+    else:
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            raise DataNotFoundError(
+                f"{spec.name}: the TFDS data at {builder.data_path} is stored as {builder.info.file_format}, which "
+                "needs TensorFlow to read. Install tensorflow, or convert it once (with TensorFlow): tfds "
+                f"convert_format --dataset_version_dir={builder.data_path} --out_file_format=array_record, or "
+                "prepare it again with file_format='array_record' in another data_dir.\n"
+                + how_to_get(spec.name, data_dir)
+            ) from None
+        tr_x, tr_y, te_x, te_y = _read_with_tensorflow(builder, spec)
+    logger.info("loaded %s from TFDS: %d train, %d test", spec.name, len(tr_y), len(te_y))
+    return ArrayDataset.from_spec(spec, tr_x, tr_y, te_x, te_y)
