@@ -5,6 +5,8 @@ Pure functions, no state. The ADMM solver (``alignq_jax.admm``) consumes the gap
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -42,27 +44,58 @@ def batch_correlation(x, eps=1e-5):
     return (xs @ xs.T) / xs.shape[1]
 
 
-def sample_features(x, y, key, num_features):
-    """The same random subset of about ``num_features`` feature columns of x and y: (B, K) each.
+def draw_feature_sample(num_total: int, key, num_features: int) -> tuple[jax.Array, int, int]:
+    """A strided random subset of feature columns: (offset, stride, count).
 
-    A strided subset: stride s = F // num_features, a random offset o in [0, s), columns o, o+s, ..., o+(K-1)s
-    with K = F // s. Every feature is drawn with probability 1/s when s divides F (then the estimate below is
-    exactly unbiased: corr(.) is a mean over features of per-feature outer products and the standardisation is
-    per feature); otherwise the last F mod s features are never drawn. A strided slice (rather than a random
-    gather) keeps the backward a cheap dynamic update instead of a scatter.
+    stride s = num_total // num_features, offset uniform in [0, s), columns offset + i*s for i < count =
+    num_total // s. Every feature is drawn with probability 1/s when s divides num_total, so the gap of the
+    sampled columns is an unbiased estimate of the full gap (corr(.) is a mean over features of per-feature outer
+    products, and the standardisation is per feature); otherwise the last num_total mod s features are never
+    drawn.
     """
-    b = x.shape[0]
-    xf, yf = x.reshape(b, -1), y.reshape(b, -1)
-    f = xf.shape[1]
-    stride = max(1, f // num_features)
-    k = f // stride
-    offset = jax.random.randint(key, (), 0, stride)
+    stride = max(1, num_total // num_features)
+    return jax.random.randint(key, (), 0, stride), stride, num_total // stride
 
-    def take(m):
-        blocks = m[:, : k * stride].reshape(b, k, stride)
-        return jax.lax.dynamic_slice_in_dim(blocks, offset, 1, axis=2)[..., 0]
 
-    return take(xf), take(yf)
+def sampled_columns(offset, stride: int, count: int):
+    """Flat feature indices of a sample: offset + stride * arange(count)."""
+    return offset + stride * jnp.arange(count)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def take_features(flat, offset, stride: int, count: int):
+    """Columns offset, offset+stride, ... of a (B, F) array -> (B, count)."""
+    b = flat.shape[0]
+    blocks = flat[:, : count * stride].reshape(b, count, stride)
+    return jax.lax.dynamic_slice_in_dim(blocks, offset, 1, axis=2)[..., 0]
+
+
+def _take_features_fwd(flat, offset, stride, count):
+    return take_features(flat, offset, stride, count), (offset, flat.shape)
+
+
+def _take_features_bwd(stride, count, res, g):
+    # A select over the full shape instead of a scatter into zeros: XLA fuses it into the consumer, so no B x F
+    # buffer is created per sampled layer.
+    offset, (b, f) = res
+    hit = jax.lax.broadcasted_iota(jnp.int32, (1, 1, stride), 2) == offset
+    full = jnp.where(hit, g[:, :, None], jnp.zeros((), g.dtype)).reshape(b, count * stride)
+    if count * stride < f:
+        full = jnp.pad(full, ((0, 0), (0, f - count * stride)))
+    return full, None
+
+
+take_features.defvjp(_take_features_fwd, _take_features_bwd)
+
+
+def sample_features(arrays, key, num_features):
+    """The same random strided subset of about ``num_features`` feature columns of every (B, ...) array.
+
+    Returns a tuple of (B, K) arrays (see :func:`draw_feature_sample`).
+    """
+    b = arrays[0].shape[0]
+    offset, stride, count = draw_feature_sample(arrays[0][0].size, key, num_features)
+    return tuple(take_features(a.reshape(b, -1), offset, stride, count) for a in arrays)
 
 
 def correlation_gap(x, y, eps=1e-5, *, num_features=None, key=None):
@@ -87,7 +120,7 @@ def correlation_gap(x, y, eps=1e-5, *, num_features=None, key=None):
             raise ValueError("num_features needs a PRNG key")
         _check_batch(x)
         if num_features < x[0].size:
-            x, y = sample_features(x, y, key, num_features)
+            x, y = sample_features((x, y), key, num_features)
     xs = standardise_features(x, eps)
     ys = standardise_features(y, eps)
     m = ((ys - xs) @ (ys + xs).T) / xs.shape[1]

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
@@ -102,24 +103,50 @@ class QuantConfig:
         fn = _q.get_quantizers(self.method).activation
         return fn(x, self.a_bits, act_range=self.act_range, levels=self.levels, relu=relu)
 
-    def pre_relu_output(self, x, q, relu):
-        """The quantized output before a fused ReLU, when the gap compares against it (else ``q`` as is)."""
-        if relu and self.correlation_target == "quantized":
-            return self.quantize_activation(x)
-        return q
+    def quantize_activation_affine(self, h, scale, shift, relu=False):
+        """``quantize_activation(h * scale + shift)`` with the per-channel affine folded in (less memory)."""
+        fn = _q.get_quantizers(self.method).activation_affine
+        return fn(h, scale, shift, self.a_bits, act_range=self.act_range, levels=self.levels, relu=relu)
 
-    def correlation_gap(self, x, quantized, key=None):
-        """B x B gap between x and the configured target (aligned or quantized output).
+    def correlation_gap(self, x, key=None, axis_name=None):
+        """B x B gap between the quantizer input x (B, ...) and its aligned (or rounded, pre-ReLU) output.
 
-        ``key`` is required when ``correlation_features`` is set (a fresh key per step).
+        With ``correlation_features`` the feature columns are sampled first (``key``: a fresh PRNG key per step,
+        the same on every device when ``axis_name`` is set), so only the sampled columns are transformed and
+        kept for the backward. ``axis_name``: all-gather the (sampled) batch over this device axis first, for
+        the global correlation.
         """
+        if self._samples(x, key):
+            (x,) = _correlation.sample_features((x,), key, self.correlation_features)
+        return self._gap_of(x, axis_name)
+
+    def correlation_gap_affine(self, h, scale, shift, key=None, axis_name=None):
+        """``correlation_gap(h * scale + shift)`` for per-channel (C,) scale/shift (BatchNorm folded in); with
+        sampling, only the sampled columns of h are normalised."""
+        if not self._samples(h, key):
+            return self._gap_of(h * scale + shift, axis_name)
+        b, c = h.shape[0], h.shape[-1]
+        offset, stride, count = _correlation.draw_feature_sample(h[0].size, key, self.correlation_features)
+        hs = _correlation.take_features(h.reshape(b, -1), offset, stride, count)
+        channel = _correlation.sampled_columns(offset, stride, count) % c  # NHWC: the channel is the fastest axis
+        return self._gap_of(hs * scale[channel] + shift[channel], axis_name)
+
+    def _samples(self, x, key) -> bool:
+        if self.correlation_features is None:
+            return False
+        if key is None:
+            raise ValueError("correlation_features needs a PRNG key (the 'correlation' RNG stream)")
+        return self.correlation_features < x[0].size
+
+    def _gap_of(self, x, axis_name):
         if self.correlation_target == "quantized":
-            target = quantized
+            target = self.quantize_activation(x)
         else:
             target = _q.get_quantizers(self.method).align_activation(x, self.act_range)
-        return _correlation.correlation_gap(
-            x, target, self.correlation_eps, num_features=self.correlation_features, key=key
-        )
+        if axis_name is not None:
+            x = jax.lax.all_gather(x, axis_name, tiled=True)
+            target = jax.lax.all_gather(target, axis_name, tiled=True)
+        return _correlation.correlation_gap(x, target, self.correlation_eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +196,14 @@ class QuantDense(nn.Dense):
         super().__post_init__()
 
 
+def _sow_gap(module: nn.Module, gap) -> None:
+    module.sow(GAP_COLLECTION, "gap", gap, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+
+
+def _gap_key(module: nn.Module, config: QuantConfig):
+    return module.make_rng(CORRELATION_RNG) if config.correlation_features else None
+
+
 class QuantActivation(nn.Module):
     """Activation quantizer (place after BatchNorm, before ReLU; reference section 7).
 
@@ -188,14 +223,68 @@ class QuantActivation(nn.Module):
     def __call__(self, x):
         q = self.config.quantize_activation(x, relu=self.relu)
         if self.config.records_correlation and self.is_mutable_collection(GAP_COLLECTION):
-            xs, qs = x, self.config.pre_relu_output(x, q, self.relu)
-            if self.axis_name is not None:
-                xs = jax.lax.all_gather(x, self.axis_name, tiled=True)
-                qs = jax.lax.all_gather(q, self.axis_name, tiled=True)
-            key = self.make_rng(CORRELATION_RNG) if self.config.correlation_features else None
-            gap = self.config.correlation_gap(xs, qs, key)
-            self.sow(GAP_COLLECTION, "gap", gap, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+            _sow_gap(self, self.config.correlation_gap(x, _gap_key(self, self.config), self.axis_name))
         return q
+
+
+class QuantBatchNorm(nn.Module):
+    """BatchNorm -> activation quantizer (-> ReLU) in one module: the placement of every AlignQ model.
+
+    Same values as ``nn.BatchNorm`` followed by :class:`QuantActivation`, but the normalisation is folded into
+    the quantizer's custom VJP, so the backward keeps the BN input instead of an extra copy of the BN output
+    (about one activation tensor less per quantized layer). Parameters ``scale``/``bias`` and statistics
+    ``mean``/``var`` have nn.BatchNorm's names. Running statistics follow PyTorch: momentum 0.1 (0.9 here) and
+    the unbiased batch variance for ``var`` (normalisation uses the biased one, as PyTorch does).
+
+    Attributes:
+      config: the QuantConfig (a_bits=32 gives a plain BN, with ReLU if ``relu``).
+      use_running_average: evaluation mode (may also be passed at call time).
+      relu: apply ReLU after the quantizer (fused).
+      axis_name: device axis over which batch statistics are averaged (data parallel).
+      correlation_axis_name: all-gather the batch over this axis for the correlation gap (global correlation).
+    """
+
+    config: QuantConfig = QuantConfig()
+    use_running_average: bool | None = None
+    relu: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+    correlation_axis_name: str | None = None
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, h, use_running_average: bool | None = None):
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        c = h.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (c,), jnp.float32)
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(h.ndim - 1))
+            hf = h.astype(jnp.float32)
+            mean, mean_sq = jnp.mean(hf, axes), jnp.mean(hf * hf, axes)
+            count = hf.size // c
+            if self.axis_name is not None:
+                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+                count = count * jax.lax.psum(1, self.axis_name)
+            var = jnp.maximum(mean_sq - mean * mean, 0.0)
+            if not self.is_initializing():
+                unbiased = var * count / max(count - 1, 1)
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+                ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        shift = bias - mean * mul
+        mul, shift = mul.astype(h.dtype), shift.astype(h.dtype)
+        if self.config.records_correlation and self.is_mutable_collection(GAP_COLLECTION):
+            key = _gap_key(self, self.config)
+            _sow_gap(self, self.config.correlation_gap_affine(h, mul, shift, key, self.correlation_axis_name))
+        return self.config.quantize_activation_affine(h, mul, shift, relu=self.relu)
 
 
 def _interceptor(config: QuantConfig, include_dense: bool):
@@ -290,5 +379,5 @@ class NNXQuantActivation(nnx.Module):
         q = self.config.quantize_activation(x, relu=self.relu)
         if self.config.records_correlation and self.record_correlation:
             key = self.rngs[CORRELATION_RNG]() if self.config.correlation_features else None
-            self.gap.set_value(self.config.correlation_gap(x, self.config.pre_relu_output(x, q, self.relu), key))
+            self.gap.set_value(self.config.correlation_gap(x, key))
         return q

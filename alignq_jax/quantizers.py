@@ -14,6 +14,7 @@ Rounding uses a straight-through estimator (``jax.custom_vjp``); the CDF is diff
 from __future__ import annotations
 
 import math
+import statistics
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -272,6 +273,73 @@ def alignq_activation(x, bits, *, act_range=2.0, levels="exact", relu=False):
     return _alignq_activation(x, bits, levels, a, bool(relu))
 
 
+def _check_channel_affine(h, scale, shift):
+    c = jnp.shape(h)[-1] if jnp.ndim(h) else None
+    if jnp.shape(scale) != (c,) or jnp.shape(shift) != (c,):
+        raise ValueError(
+            f"scale and shift must have shape (C,) = ({c},) for h of shape {jnp.shape(h)}; got "
+            f"{jnp.shape(scale)} and {jnp.shape(shift)}"
+        )
+
+
+# BatchNorm folded into the quantizer: the backward keeps h (the BN input, which BN's own statistics need anyway)
+# and the per-channel scale/shift, never the BN output, so BN -> Q (-> ReLU) stores what a plain BN -> ReLU does.
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _alignq_affine(h, scale, shift, bits, levels, a, relu):
+    q = _alignq_activation_forward(h * scale + shift, bits, levels, a)
+    return jnp.maximum(q, 0.0) if relu else q
+
+
+def _alignq_affine_fwd(h, scale, shift, bits, levels, a, relu):
+    return _alignq_affine(h, scale, shift, bits, levels, a, relu), (h, scale, shift)
+
+
+def _relu_threshold(bits, levels, a) -> float:
+    """x above which the quantized output is positive: 0 on the exact grid (q has no zero level); on the paper
+    grid round(n*c) >= 1 needs c > 1/(2n), i.e. x > Phi^-1(1/2 + 1/(4nA)). (At exactly x = 0 the exact grid's
+    round-half-to-even tie gives q > 0 for bits >= 2; the mask there is 0, a measure-zero difference.)"""
+    if levels == "exact":
+        return 0.0
+    n = 2.0**bits - 1.0
+    if bits == 1:
+        return 0.0
+    return statistics.NormalDist().inv_cdf(0.5 + 1.0 / (4.0 * n * a))
+
+
+def _alignq_affine_bwd(bits, levels, a, relu, res, g):
+    h, scale, shift = res
+    x = h * scale + shift
+    factor = (2.0 * a) * normal_pdf(x)
+    if relu:
+        # The ReLU mask from a threshold on x rather than by recomputing the rounded output: same mask, and XLA
+        # then keeps no extra buffer for the backward.
+        factor = jnp.where(x > _relu_threshold(bits, levels, a), factor, 0.0)
+    t = g * factor
+    axes = tuple(range(h.ndim - 1))
+    return (t * scale).astype(h.dtype), jnp.sum(t * h, axes).astype(scale.dtype), jnp.sum(t, axes).astype(shift.dtype)
+
+
+_alignq_affine.defvjp(_alignq_affine_fwd, _alignq_affine_bwd)
+
+
+def alignq_activation_affine(h, scale, shift, bits, *, act_range=2.0, levels="exact", relu=False):
+    """``alignq_activation(h * scale + shift, ...)`` for a per-channel affine map, e.g. a BatchNorm's
+    normalisation folded into the quantizer (``QuantBatchNorm``). Same values and gradients, less memory.
+
+    Args:
+      h: (..., C) pre-normalisation activations (the conv output).
+      scale, shift: (C,) per-channel affine (BN: gamma/sqrt(var+eps) and beta - mean*scale).
+    """
+    bits = check_bits(bits)
+    levels = check_levels(levels)
+    a = check_act_range(act_range)
+    _check_channel_affine(h, scale, shift)
+    if bits == 32:
+        x = h * scale + shift
+        return jax.nn.relu(x) if relu else x
+    return _alignq_affine(h, scale, shift, bits, levels, a, bool(relu))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Plain uniform baseline (reference section 9, with the same signature and placement as AlignQ)
 
@@ -339,7 +407,8 @@ def _uniform_activation(x, bits, act_range, levels):
 class QuantizerPair(NamedTuple):
     weight: Callable
     activation: Callable
-    align_activation: Callable | None  # the unrounded transform the correlation term compares against
+    align_activation: Callable  # the unrounded transform the correlation term compares against
+    activation_affine: Callable  # activation(h * scale + shift), per-channel affine folded in
 
 
 def _clip_activation(x, act_range=2.0):
@@ -347,9 +416,15 @@ def _clip_activation(x, act_range=2.0):
     return jnp.clip(x, -a, a)
 
 
+def uniform_activation_affine(h, scale, shift, bits, *, act_range=2.0, levels="exact", relu=False):
+    """``uniform_activation(h * scale + shift, ...)`` (plain autodiff: its backward only needs a clip mask)."""
+    _check_channel_affine(h, scale, shift)
+    return uniform_activation(h * scale + shift, bits, act_range=act_range, levels=levels, relu=relu)
+
+
 QUANTIZERS: dict[str, QuantizerPair] = {
-    "alignq": QuantizerPair(alignq_weight, alignq_activation, cdf_align_activation),
-    "uniform": QuantizerPair(uniform_weight, uniform_activation, _clip_activation),
+    "alignq": QuantizerPair(alignq_weight, alignq_activation, cdf_align_activation, alignq_activation_affine),
+    "uniform": QuantizerPair(uniform_weight, uniform_activation, _clip_activation, uniform_activation_affine),
 }
 
 

@@ -170,3 +170,50 @@ def test_jit_matches_eager():
     np.testing.assert_allclose(
         np.asarray(jax.jit(jax.grad(_gap_loss))(x)), np.asarray(jax.grad(_gap_loss)(x)), rtol=1e-4, atol=1e-6
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampled-feature estimate (issue 4): strided subsets, select-based backward, exact unbiasedness.
+
+from alignq_jax.correlation import draw_feature_sample, sample_features, take_features  # noqa: E402
+
+
+def test_take_features_forward_and_backward_match_indexing():
+    x = jax.random.normal(jax.random.key(30), (5, 23))
+    for offset in range(4):
+        np.testing.assert_array_equal(take_features(x, jnp.asarray(offset), 4, 5), np.asarray(x)[:, offset:20:4])
+        up = jax.random.normal(jax.random.key(31), (5, 5))
+        grad = jax.grad(lambda x: jnp.sum(take_features(x, jnp.asarray(offset), 4, 5) * up))(x)
+        expected = np.zeros((5, 23), np.float32)
+        expected[:, offset:20:4] = np.asarray(up)
+        np.testing.assert_array_equal(grad, expected)
+
+
+def test_sampled_gap_is_unbiased_over_offsets():
+    """Averaged over all offsets, the sampled gap equals the exact gap (stride divides F)."""
+    x = jax.random.normal(jax.random.key(32), (6, 4, 4, 3)) * jnp.array([1.0, 2.0, 0.5])
+    y = cdf_align_activation(x)
+    flat_x, flat_y = x.reshape(6, -1), y.reshape(6, -1)
+    stride = 4
+    gaps = [correlation_gap(take_features(flat_x, jnp.asarray(o), stride, 12), take_features(flat_y, jnp.asarray(o), stride, 12))
+            for o in range(stride)]
+    np.testing.assert_allclose(np.mean(gaps, axis=0), correlation_gap(x, y), atol=1e-5)
+    assert np.abs(np.asarray(gaps[0]) - np.asarray(correlation_gap(x, y))).max() > 1e-3
+
+
+def test_sample_features_draws_offsets_uniformly():
+    offsets = [int(draw_feature_sample(48, jax.random.key(k), 12)[0]) for k in range(200)]
+    assert set(offsets) == {0, 1, 2, 3}
+    assert draw_feature_sample(48, jax.random.key(0), 12)[1:] == (4, 12)
+    assert draw_feature_sample(50, jax.random.key(0), 100)[1:] == (1, 50)  # more requested than available: all
+    a, b = sample_features((jnp.arange(40.0).reshape(2, 20), -jnp.arange(40.0).reshape(2, 20)), jax.random.key(3), 5)
+    np.testing.assert_array_equal(a, -b)  # the same columns of every array
+
+
+def test_correlation_gap_sampling_arguments():
+    x = jax.random.normal(jax.random.key(33), (4, 64))
+    with pytest.raises(ValueError, match="key"):
+        correlation_gap(x, x, num_features=8)
+    with pytest.raises(ValueError, match="num_features"):
+        correlation_gap(x, x, num_features=0, key=jax.random.key(0))
+    np.testing.assert_allclose(correlation_gap(x, 2 * x, num_features=8, key=jax.random.key(0)), 0, atol=1e-5)

@@ -236,3 +236,127 @@ def test_tiny_model_loss_grad_and_admm_update_in_one_jit(tiny, mode):
     grads_shifted = step(params, batch_stats, opt_state, shifted)[5]
     diff = np.abs(grads_shifted["QuantConv_0"]["kernel"] - grads["QuantConv_0"]["kernel"]).max()
     assert diff > 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused forms used by the models for speed and memory: same values and gradients as the plain composition.
+
+
+@pytest.mark.parametrize("levels", ["exact", "paper"])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_fused_relu_equals_relu_of_quantizer(levels, bits):
+    x = jax.random.normal(jax.random.key(11), (4000,)) * 2
+    up = jax.random.normal(jax.random.key(12), x.shape)
+    fused = lambda x: quantizers.alignq_activation(x, bits, levels=levels, relu=True)  # noqa: E731
+    plain = lambda x: jax.nn.relu(quantizers.alignq_activation(x, bits, levels=levels))  # noqa: E731
+    np.testing.assert_array_equal(fused(x), plain(x))
+    g_fused = jax.grad(lambda x: jnp.sum(fused(x) * up))(x)
+    g_plain = jax.grad(lambda x: jnp.sum(plain(x) * up))(x)
+    np.testing.assert_allclose(g_fused, g_plain, atol=1e-6)
+    assert np.mean(np.asarray(g_plain) == 0) > 0.3  # the ReLU mask is really exercised
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("levels", ["exact", "paper"])
+def test_affine_quantizer_equals_composition(relu, levels):
+    h = jax.random.normal(jax.random.key(13), (6, 5, 5, 3)) * 3 + 1
+    scale, shift = jnp.array([0.5, 1.5, -2.0]), jnp.array([0.1, -0.3, 0.2])
+    up = jax.random.normal(jax.random.key(14), h.shape)
+
+    def fused(h, scale, shift):
+        return jnp.sum(quantizers.alignq_activation_affine(h, scale, shift, 3, levels=levels, relu=relu) * up)
+
+    def plain(h, scale, shift):
+        return jnp.sum(quantizers.alignq_activation(h * scale + shift, 3, levels=levels, relu=relu) * up)
+
+    assert float(fused(h, scale, shift)) == pytest.approx(float(plain(h, scale, shift)), abs=1e-4)
+    for a, b in zip(jax.grad(fused, (0, 1, 2))(h, scale, shift), jax.grad(plain, (0, 1, 2))(h, scale, shift)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        quantizers.alignq_activation_affine(h, scale[:2], shift, 3)
+
+
+def _bn_then_act(config, relu):
+    class BNThenAct(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=True):
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
+            return quantize.QuantActivation(config, relu=relu, name="act")(x)
+
+    return BNThenAct()
+
+
+@pytest.mark.parametrize("a_bits", [4, 32])
+@pytest.mark.parametrize("relu", [False, True])
+def test_quant_batchnorm_equals_batchnorm_then_quantizer(a_bits, relu):
+    cfg = quantize.QuantConfig(a_bits=a_bits, correlation=True)
+    h = jax.random.normal(jax.random.key(15), (8, 5, 5, 3)) * 2 + 1
+    fused = quantize.QuantBatchNorm(cfg, relu=relu)
+    v = fused.init(jax.random.key(16), h, use_running_average=False)
+    v = {"params": {"scale": jnp.array([1.0, -0.5, 2.0]), "bias": jnp.array([0.2, 0.0, -0.4])},
+         "batch_stats": v["batch_stats"]}
+    plain = _bn_then_act(cfg, relu)
+    vp = {"params": {"bn": v["params"]}, "batch_stats": {"bn": v["batch_stats"]}}
+    cols = ["batch_stats", quantize.GAP_COLLECTION]
+    out_f, upd_f = fused.apply(v, h, use_running_average=False, mutable=cols)
+    out_p, upd_p = plain.apply(vp, h, mutable=cols)
+    np.testing.assert_allclose(out_f, out_p, atol=1e-5)
+    if a_bits < 32:
+        np.testing.assert_allclose(upd_f[quantize.GAP_COLLECTION]["gap"], upd_p[quantize.GAP_COLLECTION]["act"]["gap"],
+                                   atol=1e-5)
+    up = jax.random.normal(jax.random.key(17), h.shape)
+    gf = jax.grad(lambda p, h: jnp.sum(fused.apply({**v, "params": p}, h, use_running_average=False,
+                                                   mutable=["batch_stats"])[0] * up), (0, 1))(v["params"], h)
+    gp = jax.grad(lambda p, h: jnp.sum(plain.apply({**vp, "params": {"bn": p}}, h,
+                                                   mutable=["batch_stats"])[0] * up), (0, 1))(v["params"], h)
+    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gp)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Running mean as nn.BatchNorm; running variance from the unbiased batch variance (PyTorch).
+    n = h.size // 3
+    np.testing.assert_allclose(upd_f["batch_stats"]["mean"], upd_p["batch_stats"]["bn"]["mean"], atol=1e-6)
+    np.testing.assert_allclose(upd_f["batch_stats"]["var"] - 0.9, (upd_p["batch_stats"]["bn"]["var"] - 0.9) * n / (n - 1),
+                               rtol=1e-5)
+    # Evaluation uses the running statistics, as nn.BatchNorm does.
+    ev_f = fused.apply({**v, "batch_stats": upd_f["batch_stats"]}, h, use_running_average=True)
+    ev_p = plain.apply({**vp, "batch_stats": {"bn": upd_f["batch_stats"]}}, h, train=False)
+    np.testing.assert_allclose(ev_f, ev_p, atol=1e-5)
+
+
+def test_sampled_gap_validation():
+    with pytest.raises(ValueError, match="correlation_features"):
+        quantize.QuantConfig(a_bits=4, correlation_features=1)
+    cfg = quantize.QuantConfig(a_bits=4, correlation=True, correlation_features=8)
+    with pytest.raises(ValueError, match="key"):
+        cfg.correlation_gap(jnp.ones((4, 32)))
+
+
+@pytest.mark.parametrize("target", ["aligned", "quantized"])
+def test_sampled_gap_affine_matches_sampled_gap_of_normalised(target):
+    """The BN-folded path samples columns of h and normalises them with their own channel's scale/shift."""
+    cfg = quantize.QuantConfig(a_bits=3, correlation=True, correlation_features=20, correlation_target=target)
+    h = jax.random.normal(jax.random.key(18), (6, 4, 5, 3)) * jnp.array([1.0, 3.0, 0.5]) + jnp.array([0.0, 2.0, -1.0])
+    scale, shift = jnp.array([1.0, 0.4, 2.0]), jnp.array([0.0, -0.8, 2.0])
+    key = jax.random.key(19)
+    a = cfg.correlation_gap_affine(h, scale, shift, key)
+    b = cfg.correlation_gap(h * scale + shift, key)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    exact = dataclasses.replace(cfg, correlation_features=None).correlation_gap(h * scale + shift)
+    assert np.abs(np.asarray(a) - np.asarray(exact)).max() > 1e-4  # it really sampled (20 of 60 features)
+    ga = jax.grad(lambda h: jnp.sum(cfg.correlation_gap_affine(h, scale, shift, key) ** 2))(h)
+    gb = jax.grad(lambda h: jnp.sum(cfg.correlation_gap(h * scale + shift, key) ** 2))(h)
+    np.testing.assert_allclose(ga, gb, atol=1e-5)
+
+
+def test_models_record_sampled_gaps_with_rng_stream():
+    cfg = quantize.QuantConfig(4, 4, correlation=True, correlation_features=16)
+    from alignq_jax.models import get_model
+
+    model = get_model("small_cnn", config=cfg)
+    x = jax.random.normal(jax.random.key(20), (4, 8, 8, 1))
+    rngs = {"params": jax.random.key(0), quantize.CORRELATION_RNG: jax.random.key(1)}
+    v = model.init(rngs, x)
+    run = lambda k: model.apply(v, x, mutable=["batch_stats", quantize.GAP_COLLECTION],  # noqa: E731
+                                rngs={quantize.CORRELATION_RNG: jax.random.key(k)})[1][quantize.GAP_COLLECTION]
+    g1, g2 = run(1), run(2)
+    assert all(a.shape == (4, 4) for a in jax.tree.leaves(g1))
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2))) > 0

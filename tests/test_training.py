@@ -75,11 +75,16 @@ def test_batchnorm_matches_pytorch_defaults():
     x = jax.random.normal(jax.random.key(3), (6, 8, 8, 1)) * 3 + 1
     v = model.init(jax.random.key(4), x)
     _, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
-    # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch statistic (Flax stores the biased variance).
+    # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch statistic; like PyTorch (unlike nn.BatchNorm)
+    # the running variance takes the unbiased batch variance.
     conv = jax.lax.conv_general_dilated(x, v["params"]["conv0"]["kernel"], (1, 1), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(upd["batch_stats"]["bn0"]["mean"], 0.1 * conv.mean((0, 1, 2)), atol=1e-5)
-    np.testing.assert_allclose(upd["batch_stats"]["bn0"]["var"], 0.9 + 0.1 * conv.var((0, 1, 2)), rtol=1e-4)
+    n = conv.size // conv.shape[-1]
+    np.testing.assert_allclose(upd["batch_stats"]["bn0"]["var"], 0.9 + 0.1 * conv.var((0, 1, 2)) * n / (n - 1), rtol=1e-4)
+    # Normalisation in training uses the biased batch variance (as PyTorch and nn.BatchNorm do).
+    out = model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+    assert np.isfinite(np.asarray(out)).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------

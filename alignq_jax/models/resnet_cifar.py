@@ -14,21 +14,23 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignq_jax.quantize import QuantActivation, QuantConfig, QuantConv
+from alignq_jax.quantize import QuantBatchNorm, QuantConfig, QuantConv
 
 # PyTorch BatchNorm2d defaults: momentum 0.1 there is 0.9 here; eps 1e-5.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str | None = None):
-    return nn.BatchNorm(
+def bn_quant(config: QuantConfig, train: bool, axis_name: str | None, correlation_axis_name: str | None, **kwargs):
+    """BN -> activation quantizer (-> ReLU with relu=True) as one ``QuantBatchNorm`` (reference section 7)."""
+    return QuantBatchNorm(
+        config,
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
         axis_name=axis_name if train else None,
-        dtype=dtype,
-        name=name,
+        correlation_axis_name=correlation_axis_name,
+        **kwargs,
     )
 
 
@@ -50,15 +52,14 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         conv = conv_factory(self.config, self.dtype)
-        bn = partial(batch_norm, train, self.bn_axis_name, self.dtype)
-        act = partial(QuantActivation, self.config, axis_name=self.correlation_axis_name)
+        bn_q = partial(bn_quant, self.config, train, self.bn_axis_name, self.correlation_axis_name)
         y = conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv0")(x)
-        y = act(name="act0", relu=True)(bn(name="bn0")(y))  # BN -> Q -> ReLU, fused
+        y = bn_q(relu=True, name="bn0")(y)  # conv -> BN -> Q -> ReLU
         y = conv(self.features, (3, 3), padding=1, name="conv1")(y)
-        y = act(name="act1")(bn(name="bn1")(y))
+        y = bn_q(name="bn1")(y)  # conv -> BN -> Q, then + shortcut -> ReLU
         if self.strides != 1 or x.shape[-1] != self.features:
             x = conv(self.features, (1, 1), strides=self.strides, padding=0, name="shortcut_conv")(x)
-            x = act(name="shortcut_act")(bn(name="shortcut_bn")(x))
+            x = bn_q(name="shortcut_bn")(x)  # 1x1 conv -> BN -> Q, no ReLU
         return nn.relu(y + x)
 
 
@@ -77,8 +78,7 @@ class CifarResNet(nn.Module):
     def __call__(self, x, train: bool = True):
         x = x.astype(self.dtype)
         x = conv_factory(self.config, self.dtype)(self.widths[0], (3, 3), padding=1, name="stem_conv")(x)
-        x = batch_norm(train, self.bn_axis_name, self.dtype, name="stem_bn")(x)
-        x = QuantActivation(self.config, axis_name=self.correlation_axis_name, relu=True, name="stem_act")(x)
+        x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, relu=True, name="stem_bn")(x)
         for stage, width in enumerate(self.widths):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignq_jax.models.resnet_cifar import batch_norm, conv_factory
-from alignq_jax.quantize import QuantActivation, QuantConfig
+from alignq_jax.models.resnet_cifar import bn_quant, conv_factory
+from alignq_jax.quantize import QuantConfig
 
 
 class SmallCNN(nn.Module):
@@ -29,7 +28,6 @@ class SmallCNN(nn.Module):
         conv = conv_factory(self.config, self.dtype)
         for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
             x = conv(width, (3, 3), strides=stride, padding=1, name=f"conv{i}")(x)
-            x = batch_norm(train, self.bn_axis_name, self.dtype, name=f"bn{i}")(x)
-            x = QuantActivation(self.config, axis_name=self.correlation_axis_name, relu=True, name=f"act{i}")(x)
+            x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, relu=True, name=f"bn{i}")(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))
