@@ -20,6 +20,8 @@ from alignq_jax.quantize import QuantConfig
 from alignq_jax.quantizers import ALLOWED_BITS, LEVEL_MODES, QUANTIZERS
 
 PROGRESSIVE_CHAIN = (8, 4, 3, 2, 1)
+# Sampled correlation features per layer by default (benchmarks/correlation_estimate.py, README Performance).
+DEFAULT_CORRELATION_FEATURES = 1024
 
 
 def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
@@ -34,6 +36,9 @@ def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--admm-mode", default="textbook", choices=ADMM_MODES,
                    help="textbook = standard scaled ADMM; paper = the official code's equations")
     p.add_argument("--admm-weight", type=float, default=1.0, help="weight of the ADMM penalty in the loss")
+    p.add_argument("--correlation-features", type=int, default=DEFAULT_CORRELATION_FEATURES,
+                   help="estimate each correlation gap from this many random features per step (unbiased; "
+                        "0 = the exact gap over all features)")
     p.add_argument("--levels", default="exact", choices=LEVEL_MODES,
                    help="exact = at most 2^bits levels; paper = the official grid (about one bit more)")
     p.add_argument("--act-range", type=float, default=2.0, help="activation grid (-A, A)")
@@ -80,7 +85,8 @@ def stage_config(args, bits: int):
     fp = bits == 32
     epochs = args.fp_epochs if fp else args.epochs
     quant = QuantConfig(
-        w_bits=bits, a_bits=bits, method=args.method, levels=args.levels, act_range=args.act_range
+        w_bits=bits, a_bits=bits, method=args.method, levels=args.levels, act_range=args.act_range,
+        correlation_features=args.correlation_features or None,
     )
     return TrainConfig(
         model=args.model,
@@ -102,6 +108,8 @@ def stage_config(args, bits: int):
 
 
 def validate_args(args) -> None:
+    if args.correlation_features < 0 or args.correlation_features == 1:
+        raise ValueError("--correlation-features must be 0 (exact) or at least 2")
     for name in ("epochs", "fp_epochs", "batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

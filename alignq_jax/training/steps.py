@@ -21,15 +21,28 @@ from alignq_jax.quantize import CORRELATION_RNG, GAP_COLLECTION
 from alignq_jax.training.state import DATA_AXIS, TrainConfig, TrainState, make_model, make_optimizer
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, admm, admm_weight: float, axis_name: str | None = None):
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model,
+    tx,
+    admm,
+    admm_weight: float,
+    axis_name: str | None = None,
+    same_rng_on_devices: bool = False,
+):
     """One optimisation step on the local batch. Returns (new state, metrics averaged over ``axis_name``).
 
-    batch: {"image": (B, H, W, C) float, "label": (B,) int}.
+    batch: {"image": (B, H, W, C) float, "label": (B,) int}. ``same_rng_on_devices``: every device draws the
+    same sampled features (needed when the correlation is all-gathered over devices).
     """
     mutable = ["batch_stats", GAP_COLLECTION] if admm is not None else ["batch_stats"]
 
     # A fresh key per step (and per device) for the sampled-feature correlation estimate.
-    step_key = state.rng if axis_name is None else jax.random.fold_in(state.rng, jax.lax.axis_index(axis_name))
+    step_key = state.rng
+    if axis_name is not None and not same_rng_on_devices:
+        step_key = jax.random.fold_in(state.rng, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -138,7 +151,10 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
     admm = config.make_admm() if config.admm else None
     axis = None if mode == "none" else DATA_AXIS
     model = make_model(config, num_classes, axis_name=axis)
-    local_train = partial(train_step, model=model, tx=tx, admm=admm, admm_weight=config.admm_weight, axis_name=axis)
+    local_train = partial(
+        train_step, model=model, tx=tx, admm=admm, admm_weight=config.admm_weight, axis_name=axis,
+        same_rng_on_devices=config.global_correlation,
+    )
     local_eval = partial(eval_step, model=model, axis_name=axis)
 
     if mode == "none":
