@@ -60,6 +60,7 @@ def test_cifar10_script_on_local_files_two_steps_then_resume(tmp_path):
     # The quantized stage started from the FP32 stage's weights.
     cfg = json.loads((workdir / "w4a4" / "config.json").read_text())
     assert cfg["quant"]["w_bits"] == 4 and cfg["admm"] is True
+    assert cfg["quant"]["correlation_features"] == 1024  # the CLI default: sampled correlation
 
     # --resume with both stages done trains nothing and reproduces the results.
     mtime = (workdir / "w4a4" / "metrics.jsonl").stat().st_mtime
@@ -135,6 +136,9 @@ def test_cli_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         _cifar_main(["--bits", "4", "--epochs", "0", "--data-dir", "nowhere"])
     assert "--epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cifar_main(["--bits", "4", "--correlation-features", "1", "--data-dir", "nowhere"])
+    assert "--correlation-features" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -210,9 +210,11 @@ def test_per_device_admm_states_differ_and_stay_finite(parallel):
 
 
 @pytest.mark.slow
-def test_global_correlation_matches_single_device_admm():
-    # With the all-gather option the gaps cover the global batch, so the ADMM state equals the 1-device one.
-    quant = QuantConfig(4, 4)
+@pytest.mark.parametrize("features", [None, 64])
+def test_global_correlation_matches_single_device_admm(features):
+    # With the all-gather option the gaps cover the global batch, so the ADMM state equals the 1-device one
+    # (with sampled features too: every device draws the same columns).
+    quant = QuantConfig(4, 4, correlation_features=features)
     _, ref, ref_hist, _ = _two_steps("none", 1, admm=True, quant=quant)
     _, glob, hist, _ = _two_steps("shard_map", NUM_DEVICES, admm=True, quant=quant, global_correlation=True)
     assert jax.tree.leaves(glob.admm_state.z)[0].shape == (BATCH, BATCH)
