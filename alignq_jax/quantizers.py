@@ -13,6 +13,7 @@ Rounding uses a straight-through estimator (``jax.custom_vjp``); the CDF is diff
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from functools import partial
@@ -216,15 +217,51 @@ def alignq_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=N
     return _grid_from_unit_interval(u, bits, levels, surrogate)
 
 
+# Above this many rounding thresholds the forward uses the CDF formula; at or below it, it counts thresholds.
+_MAX_THRESHOLDS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _activation_thresholds(bits, levels, a):
+    """(lowest integer code, ((threshold, inclusive), ...)) such that the rounded code of x is the lowest code
+    plus the number of thresholds below x, or None if there are more than _MAX_THRESHOLDS.
+
+    exact: code k = round(n*Phi(x)) in 0..n, thresholds Phi^-1((j + 0.5)/n). paper: code k = round(n*A*(2Phi(x)-1)),
+    thresholds where n*A*(2Phi-1) = m + 0.5. Computed in float64 (``statistics.NormalDist``). ``inclusive``
+    reproduces round-half-to-even at an exact tie: the code goes up at x == threshold iff the upper code is even.
+    """
+    n = 2**bits - 1
+    if levels == "exact":
+        halves = [j + 0.5 for j in range(n)]
+        to_u = lambda h: h / n  # noqa: E731
+    else:
+        halves = [m + 0.5 for m in range(-math.ceil(n * a) - 1, math.ceil(n * a) + 1) if abs(m + 0.5) < n * a]
+        to_u = lambda h: 0.5 + h / (2.0 * n * a)  # noqa: E731
+    if len(halves) > _MAX_THRESHOLDS:
+        return None
+    normal = statistics.NormalDist()
+    thresholds = tuple((normal.inv_cdf(to_u(h)), int(math.floor(h)) % 2 == 1) for h in halves)
+    return int(math.floor(halves[0])), thresholds
+
+
 def _alignq_activation_forward(x, bits, levels, a):
-    u = normal_cdf(x)
+    if levels == "paper" and bits == 1:
+        return jnp.sign(a * (2.0 * normal_cdf(x) - 1.0))
     n = 2.0**bits - 1.0
+    table = _activation_thresholds(bits, levels, a)
+    if table is not None:
+        # Counting thresholds needs only compares and adds, which XLA fuses into the ops around them; the erf of
+        # the CDF formula stops that fusion and costs an extra activation-sized buffer per layer.
+        low, thresholds = table
+        code = jnp.full(x.shape, float(low), x.dtype)
+        for t, inclusive in thresholds:
+            code = code + ((x >= t) if inclusive else (x > t)).astype(x.dtype)
+        q = a * (2.0 * code / n - 1.0) if levels == "exact" else code / n
+        return jnp.where(jnp.isnan(x), x, q)  # comparisons with NaN are False; keep NaN in, NaN out
+    u = normal_cdf(x)
     if levels == "exact":
         return a * (2.0 * jnp.round(n * u) / n - 1.0)
-    c = a * (2.0 * u - 1.0)
-    if bits == 1:
-        return jnp.sign(c)
-    return jnp.round(n * c) / n
+    return jnp.round(n * a * (2.0 * u - 1.0)) / n
 
 
 # One custom VJP for the whole activation quantizer: the backward keeps only x and computes 2*A*phi(x)*g, which
@@ -245,7 +282,7 @@ def _alignq_activation_fwd(x, bits, levels, a, relu):
 def _alignq_activation_bwd(bits, levels, a, relu, x, g):
     factor = (2.0 * a) * normal_pdf(x)
     if relu:
-        factor = jnp.where(_alignq_activation_forward(x, bits, levels, a) > 0, factor, 0.0)
+        factor = jnp.where(_positive_mask(x, bits, levels, a), factor, 0.0)
     return (g * factor.astype(g.dtype),)
 
 
@@ -294,16 +331,18 @@ def _alignq_affine_fwd(h, scale, shift, bits, levels, a, relu):
     return _alignq_affine(h, scale, shift, bits, levels, a, relu), (h, scale, shift)
 
 
-def _relu_threshold(bits, levels, a) -> float:
-    """x above which the quantized output is positive: 0 on the exact grid (q has no zero level); on the paper
-    grid round(n*c) >= 1 needs c > 1/(2n), i.e. x > Phi^-1(1/2 + 1/(4nA)). (At exactly x = 0 the exact grid's
-    round-half-to-even tie gives q > 0 for bits >= 2; the mask there is 0, a measure-zero difference.)"""
+def _positive_mask(x, bits, levels, a):
+    """q(x) > 0 from a threshold on x (the ReLU mask), without recomputing the rounded output.
+
+    exact grid: the code passes n/2 at x = 0 (a tie: round half to even goes up for bits >= 2); paper grid:
+    round(n*c) >= 1 needs n*c > 1/2, i.e. x > Phi^-1(1/2 + 1/(4nA)); at 1 bit it is the sign of x.
+    """
+    n = 2**bits - 1
     if levels == "exact":
-        return 0.0
-    n = 2.0**bits - 1.0
+        return (x >= 0) if bits >= 2 else (x > 0)
     if bits == 1:
-        return 0.0
-    return statistics.NormalDist().inv_cdf(0.5 + 1.0 / (4.0 * n * a))
+        return x > 0
+    return x > statistics.NormalDist().inv_cdf(0.5 + 1.0 / (4.0 * n * a))
 
 
 def _alignq_affine_bwd(bits, levels, a, relu, res, g):
@@ -313,7 +352,7 @@ def _alignq_affine_bwd(bits, levels, a, relu, res, g):
     if relu:
         # The ReLU mask from a threshold on x rather than by recomputing the rounded output: same mask, and XLA
         # then keeps no extra buffer for the backward.
-        factor = jnp.where(x > _relu_threshold(bits, levels, a), factor, 0.0)
+        factor = jnp.where(_positive_mask(x, bits, levels, a), factor, 0.0)
     t = g * factor
     axes = tuple(range(h.ndim - 1))
     return (t * scale).astype(h.dtype), jnp.sum(t * h, axes).astype(scale.dtype), jnp.sum(t, axes).astype(shift.dtype)

@@ -360,3 +360,32 @@ def test_models_record_sampled_gaps_with_rng_stream():
     g1, g2 = run(1), run(2)
     assert all(a.shape == (4, 4) for a in jax.tree.leaves(g1))
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2))) > 0
+
+
+@pytest.mark.parametrize("levels, bits", [("exact", b) for b in range(1, 9)] + [("paper", b) for b in range(1, 9)])
+@pytest.mark.parametrize("act_range", [2.0, 1.5])
+def test_threshold_count_forward_equals_cdf_rounding(levels, bits, act_range):
+    """Low bit-widths count float64 thresholds instead of evaluating erf; both must give round(n*...) of the CDF."""
+    from scipy.special import ndtr
+
+    x = np.linspace(-5, 5, 100_001).astype(np.float32)
+    out = np.asarray(quantizers.alignq_activation(jnp.asarray(x), bits, act_range=act_range, levels=levels))
+    n = 2**bits - 1
+    u = ndtr(x.astype(np.float64))
+    if levels == "exact":
+        v = n * u
+        ref = act_range * (2 * np.round(v) / n - 1)
+    elif bits == 1:
+        v = act_range * (2 * u - 1)
+        ref = np.sign(v)
+    else:
+        v = n * act_range * (2 * u - 1)
+        ref = np.round(v) / n
+    near_tie = np.abs(v - np.floor(v) - 0.5) < 1e-4
+    assert np.mean(near_tie) < 0.5  # (saturated paper codes with n*A a half-integer sit next to a tie)
+    np.testing.assert_allclose(out[~near_tie], ref[~near_tie], atol=1e-5)
+    # Infinities land on the extreme levels and NaN stays NaN (no silent fallback).
+    special = np.asarray(quantizers.alignq_activation(jnp.array([-np.inf, np.inf, np.nan]), bits, act_range=act_range,
+                                                      levels=levels))
+    np.testing.assert_allclose(special[:2], [ref.min(), ref.max()], atol=1e-5)
+    assert np.isnan(special[2])
