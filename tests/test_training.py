@@ -295,3 +295,24 @@ def test_fit_stops_on_non_finite_loss():
                       momentum=0.0)
     with pytest.raises(FloatingPointError, match="epoch 1, step"):
         fit(cfg, ds, progress=False)
+
+
+def test_fit_on_batch_iterators_equals_fit_on_arrays():
+    """The iterator adapter: the same batches give the same training as the array path."""
+    from alignq_jax.training import BatchStreams
+
+    ds = _tiny_dataset(seed=3)
+    cfg = TrainConfig(model="small_cnn", quant=QuantConfig(4, 4), epochs=2, batch_size=32, eval_batch_size=20,
+                      lr=0.05, milestones=(), parallel="none")
+    streams = BatchStreams(
+        train=lambda epoch: ds.train_batches(32, seed=cfg.seed, epoch=epoch),
+        test=lambda: ({"image": b["image"], "label": b["label"]} for b in ds.test_batches(20)),
+        steps_per_epoch_=ds.steps_per_epoch(32), image_shape=ds.image_shape, num_classes=2,
+    )
+    a = fit(cfg, ds, progress=False)
+    b = fit(cfg, streams, progress=False)
+    assert _tree_max_diff(a.state.params, b.state.params) == 0.0
+    assert [r["test_accuracy"] for r in a.history] == [r["test_accuracy"] for r in b.history]
+    bad = dataclasses.replace(streams, train=lambda epoch: ds.train_batches(16, epoch=epoch))
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(cfg, bad, progress=False)

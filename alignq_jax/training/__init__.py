@@ -8,6 +8,6 @@ __all__ = [
     "make_optimizer", "make_steps", "train_step",
 ]
 
-from alignq_jax.training.loop import FitResult, evaluate, evaluate_datasets, fit, load_variables, train_on_arrays  # noqa: E402
+from alignq_jax.training.loop import BatchStreams, FitResult, evaluate, evaluate_datasets, fit, load_variables, train_on_arrays  # noqa: E402
 
-__all__ += ["FitResult", "evaluate", "evaluate_datasets", "fit", "load_variables", "train_on_arrays"]
+__all__ += ["BatchStreams", "FitResult", "evaluate", "evaluate_datasets", "fit", "load_variables", "train_on_arrays"]

@@ -216,6 +216,42 @@ def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, wo
     return placed, record
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchStreams:
+    """Adapter for data that comes as iterators of batches rather than arrays (e.g. your own loader).
+
+    Attributes:
+      train: ``train(epoch) -> iterable`` of {"image": (B, H, W, C) float32 (already normalised), "label": (B,)
+        int} with exactly ``batch_size`` rows each; called once per epoch.
+      test: ``test() -> iterable`` of such batches, each with a boolean "mask" (False marks padding rows).
+      steps_per_epoch_: number of training batches ``train(epoch)`` yields.
+      image_shape: (H, W, C). num_classes: number of classes.
+    """
+
+    train: Callable[[int], Any]
+    test: Callable[[], Any]
+    steps_per_epoch_: int
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return self.steps_per_epoch_
+
+    def train_batches(self, batch_size, *, seed=0, epoch=0, num_shards=1, shard_index=0):
+        if num_shards != 1:
+            raise ValueError("BatchStreams feeds one process; shard your iterator per host yourself")
+        for batch in self.train(epoch):
+            if len(batch["label"]) != batch_size:
+                raise ValueError(f"train batches must have exactly batch_size={batch_size} rows; got {len(batch['label'])}")
+            yield batch
+
+    def test_batches(self, batch_size, *, num_shards=1, shard_index=0):
+        for batch in self.test():
+            if "mask" not in batch:
+                batch = {**batch, "mask": np.ones(len(batch["label"]), bool)}
+            yield batch
+
+
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(config)
     d["milestones"] = list(config.milestones)
