@@ -67,6 +67,12 @@ def _check_surrogate(surrogate):
     return (lam, lam2)
 
 
+def _check_weight_args(w, bits, levels, surrogate):
+    """Validated (bits, levels, surrogate) of a per-tensor weight quantizer call."""
+    _check_per_tensor(w)
+    return check_bits(bits), check_levels(levels), _check_surrogate(surrogate)
+
+
 def _check_per_tensor(w):
     if jnp.size(w) < 2:
         raise ValueError(
@@ -207,10 +213,7 @@ def alignq_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=N
         multiplies by the CDF density a second time; here the density enters once, through the exact CDF chain.
     Returns: quantized weights in [-1, 1], same shape and dtype as w (values stay in CDF space; BN rescales).
     """
-    bits = check_bits(bits)
-    levels = check_levels(levels)
-    surrogate = _check_surrogate(surrogate)
-    _check_per_tensor(w)
+    bits, levels, surrogate = _check_weight_args(w, bits, levels, surrogate)
     if bits == 32:
         return w
     u = normal_cdf(_standardise_per_tensor(w, stop_stats_grad))
@@ -396,10 +399,7 @@ def uniform_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=
     ``stop_stats_grad`` is accepted for signature compatibility (only the 1-bit scale is a statistic, and it
     is always constant). ``surrogate`` as in :func:`alignq_weight`.
     """
-    bits = check_bits(bits)
-    levels = check_levels(levels)
-    surrogate = _check_surrogate(surrogate)
-    _check_per_tensor(w)
+    bits, levels, surrogate = _check_weight_args(w, bits, levels, surrogate)
     if bits == 32:
         return w
     if bits == 1:

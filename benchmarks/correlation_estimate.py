@@ -11,7 +11,6 @@ error of the sampled gap against the exact one on real activations. Writes JSON 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

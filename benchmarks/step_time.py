@@ -11,7 +11,6 @@ memory from XLA's memory analysis, compile time, eval step) and writes JSON with
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
