@@ -66,8 +66,7 @@ def _cost(compiled) -> tuple[float | None, float | None]:
 def measure(config: TrainConfig, steps_to_time: int, warmup: int) -> dict:
     shape = IMAGE_SHAPES[config.model]
     steps = make_steps(config, 10, 100)
-    gap_batch = config.batch_size if (steps.mode == "none" or config.global_correlation) else config.batch_size // steps.num_devices
-    state = steps.place_state(canonical_state(steps, create_train_state(config, shape, 10, 100, gap_batch=gap_batch)))
+    state = steps.place_state(canonical_state(steps, create_train_state(config, shape, 10, 100, gap_batch=steps.gap_batch)))
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(config.batch_size, *shape)).astype(np.float32),
              "label": rng.integers(0, 10, config.batch_size).astype(np.int32)}

@@ -156,8 +156,7 @@ def _two_steps(parallel, num_devices, **overrides):
         lr=0.1, parallel=parallel, num_devices=num_devices, **overrides,
     )
     steps = make_steps(cfg, 10, steps_per_epoch=10)
-    gap_batch = BATCH if (steps.mode == "none" or cfg.global_correlation) else BATCH // steps.num_devices
-    state = canonical_state(steps, create_train_state(cfg, (8, 8, 1), 10, 10, gap_batch=gap_batch))
+    state = canonical_state(steps, create_train_state(cfg, (8, 8, 1), 10, 10, gap_batch=steps.gap_batch))
     placed = steps.place_state(state)
     batch = {"image": IMAGES, "label": LABELS}
     history = []

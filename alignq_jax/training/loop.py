@@ -139,9 +139,8 @@ def fit(
     """
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
     steps = make_steps(config, dataset.num_classes, steps_per_epoch)
-    gap_batch = config.batch_size if (steps.mode == "none" or config.global_correlation) else config.batch_size // steps.num_devices
     state = create_train_state(
-        config, dataset.image_shape, dataset.num_classes, steps_per_epoch, gap_batch=gap_batch,
+        config, dataset.image_shape, dataset.num_classes, steps_per_epoch, gap_batch=steps.gap_batch,
         init_variables=init_variables,
     )
     state = canonical_state(steps, state)

@@ -117,6 +117,7 @@ class Steps:
     host_state: Callable
     mesh: Mesh | None = None
     per_device_admm: bool = False
+    gap_batch: int = 0  # batch size of the correlation gaps: per device, or global (one device / all-gather)
 
 
 def resolve_parallel(config: TrainConfig) -> tuple[str, list]:
@@ -160,9 +161,13 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
     if mode == "none":
         device = devices[0]
         put = lambda tree: jax.device_put(tree, device)  # noqa: E731
-        return Steps(mode, 1, jax.jit(local_train, donate_argnums=0), jax.jit(local_eval), put, put, jax.device_get)
+        return Steps(
+            mode, 1, jax.jit(local_train, donate_argnums=0), jax.jit(local_eval), put, put, jax.device_get,
+            gap_batch=config.batch_size,
+        )
 
     split_admm = per_device_admm(config, mode)
+    gap_batch = config.batch_size if config.global_correlation else config.batch_size // n
 
     if mode == "pmap":
         def place_state(state):
@@ -187,7 +192,7 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
             admm_state = state.admm_state if split_admm else jax.tree.map(lambda x: x[0], state.admm_state)
             return plain.replace(admm_state=admm_state)
 
-        return Steps(mode, n, train_fn, eval_fn, place_state, place_batch, host_state, None, split_admm)
+        return Steps(mode, n, train_fn, eval_fn, place_state, place_batch, host_state, None, split_admm, gap_batch)
 
     # shard_map over a 1-D Mesh: the default data-parallel path. check_vma=False gives pmap's semantics (no
     # implicit psum of gradients of replicated parameters), so the same explicit pmean serves both forms.
@@ -234,7 +239,7 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
 
     return Steps(
         mode, n, jax.jit(sharded_train, donate_argnums=0), jax.jit(sharded_eval), place_state, place_batch,
-        host_state, mesh, split_admm,
+        host_state, mesh, split_admm, gap_batch,
     )
 
 
