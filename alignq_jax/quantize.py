@@ -164,8 +164,17 @@ class _QuantizedKernel:
 
     @classmethod
     def wrap(cls, fn, default, config):
-        base = fn.base if isinstance(fn, cls) else (fn or default)
-        return cls(base, config)
+        """``fn`` (None: ``default``) with its kernel quantized by ``config``. An existing wrapper is replaced, and
+        32-bit weights get the unwrapped function back (None stays None, i.e. the layer's own default)."""
+        base = fn.base if isinstance(fn, cls) else fn
+        if config.w_bits == 32:
+            return base
+        return cls(base or default, config)
+
+
+def _install_kernel_quantizer(module: nn.Module, hook: str, default: Callable) -> None:
+    """Sets a Linen layer's conv/dot hook field to the quantizing wrapper for ``module.config`` (frozen field)."""
+    object.__setattr__(module, hook, _QuantizedKernel.wrap(getattr(module, hook), default, module.config))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -178,9 +187,7 @@ class QuantConv(nn.Conv):
     config: QuantConfig = QuantConfig()
 
     def __post_init__(self):
-        if self.config.w_bits < 32:
-            wrapped = _QuantizedKernel.wrap(self.conv_general_dilated, lax.conv_general_dilated, self.config)
-            object.__setattr__(self, "conv_general_dilated", wrapped)
+        _install_kernel_quantizer(self, "conv_general_dilated", lax.conv_general_dilated)
         super().__post_init__()
 
 
@@ -190,9 +197,7 @@ class QuantDense(nn.Dense):
     config: QuantConfig = QuantConfig()
 
     def __post_init__(self):
-        if self.config.w_bits < 32:
-            wrapped = _QuantizedKernel.wrap(self.dot_general, lax.dot_general, self.config)
-            object.__setattr__(self, "dot_general", wrapped)
+        _install_kernel_quantizer(self, "dot_general", lax.dot_general)
         super().__post_init__()
 
 
@@ -344,9 +349,7 @@ class NNXQuantConv(nnx.Conv):
     """``nnx.Conv`` (same arguments) plus ``config``: the kernel is quantized on every forward."""
 
     def __init__(self, *args, config: QuantConfig = QuantConfig(), conv_general_dilated=None, **kwargs):
-        fn = conv_general_dilated or lax.conv_general_dilated
-        if config.w_bits < 32:
-            fn = _QuantizedKernel.wrap(fn, lax.conv_general_dilated, config)
+        fn = _QuantizedKernel.wrap(conv_general_dilated, lax.conv_general_dilated, config) or lax.conv_general_dilated
         super().__init__(*args, conv_general_dilated=fn, **kwargs)
         self.config = config
 
@@ -355,9 +358,7 @@ class NNXQuantLinear(nnx.Linear):
     """``nnx.Linear`` (same arguments) plus ``config``: the kernel is quantized on every forward."""
 
     def __init__(self, *args, config: QuantConfig = QuantConfig(), dot_general=None, **kwargs):
-        fn = dot_general
-        if config.w_bits < 32:
-            fn = _QuantizedKernel.wrap(fn, lax.dot_general, config)
+        fn = _QuantizedKernel.wrap(dot_general, lax.dot_general, config)
         super().__init__(*args, dot_general=fn, **kwargs)
         self.config = config
 

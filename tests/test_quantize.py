@@ -90,6 +90,12 @@ def test_clone_with_other_config_does_not_wrap_twice():
     other = conv.clone(config=quantize.QuantConfig(w_bits=2))
     assert other.conv_general_dilated.config.w_bits == 2
     assert other.conv_general_dilated.base is jax.lax.conv_general_dilated
+    # A clone to full precision gets the plain convolution back, not the old quantizing hook.
+    assert conv.clone(config=quantize.QuantConfig()).conv_general_dilated is jax.lax.conv_general_dilated
+    x = jax.random.normal(jax.random.key(21), (2, 3, 3, 2))
+    fp = conv.clone(config=quantize.QuantConfig())
+    v = fp.init(jax.random.key(22), x)
+    np.testing.assert_array_equal(fp.apply(v, x), nn.Conv(4, (1, 1)).apply(v, x))
 
 
 def test_activation_records_gap_only_when_collection_mutable(tiny):
