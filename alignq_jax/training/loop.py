@@ -189,18 +189,29 @@ def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, wo
     batches = dataset.train_batches(config.batch_size, seed=config.seed, epoch=epoch, **_shard_kwargs())
     bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
     step_log = open(workdir / "steps.jsonl", "a") if workdir is not None else None
+
+    def record_step(metrics):
+        nonlocal n
+        metrics = {k: float(v) for k, v in metrics.items()}  # waits for that step to finish
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss became {metrics['loss']} at epoch {epoch + 1}, step {n + 1}")
+        for k in sums:
+            sums[k] += metrics[k]
+        n += 1
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", penalty=f"{metrics['penalty']:.3g}", acc=f"{metrics['accuracy']:.3f}")
+        if step_log is not None:
+            step_log.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + n, **metrics}) + "\n")
+
     try:
+        # Metrics are read one step late, so the next step is already dispatched while the host waits.
+        pending = None
         for batch in bar:
             placed, metrics = steps.train(placed, steps.place_batch(batch))
-            metrics = {k: float(v) for k, v in metrics.items()}
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss became {metrics['loss']} at epoch {epoch + 1}, step {n + 1}")
-            for k in sums:
-                sums[k] += metrics[k]
-            n += 1
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", penalty=f"{metrics['penalty']:.3g}", acc=f"{metrics['accuracy']:.3f}")
-            if step_log is not None:
-                step_log.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + n, **metrics}) + "\n")
+            if pending is not None:
+                record_step(pending)
+            pending = metrics
+        if pending is not None:
+            record_step(pending)
     finally:
         if step_log is not None:
             step_log.close()
