@@ -27,7 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
+from flax.linen.dtypes import promote_dtype as linen_promote_dtype
+from flax.nnx.nn.dtypes import promote_dtype as nnx_promote_dtype
 
 from alignq_jax import correlation as _correlation
 from alignq_jax import quantizers as _q
@@ -151,30 +152,42 @@ class QuantConfig:
 
 @dataclasses.dataclass(frozen=True)
 class _QuantizedKernel:
-    """Wraps a conv/dot function so that its second operand (the kernel) is quantized first.
+    """A layer's ``promote_dtype`` with the kernel (its second argument) quantized first.
 
+    Flax layers call ``promote_dtype(inputs, kernel, bias, dtype=self.dtype)`` right before the conv/dot, so the
+    kernel is quantized in its parameter dtype (float32 master weights even in a bfloat16 model) and only the
+    quantized values are cast to the compute dtype. Every conv/dot function (``conv_general_dilated``,
+    ``dot_general`` and the ``*_cls`` injection points) then receives the quantized kernel.
     Hashable (Linen module fields must be), and unwrappable so a clone with another config does not wrap twice.
     """
 
     base: Callable
     config: QuantConfig
+    packed: bool = False  # NNX passes the arrays as one tuple, Linen as separate arguments
 
-    def __call__(self, lhs, rhs, *args, **kwargs):
-        return self.base(lhs, self.config.quantize_weight(rhs), *args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        arrays = list(args[0] if self.packed else args)
+        if arrays[1] is not None:
+            arrays[1] = self.config.quantize_weight(arrays[1])
+        if self.packed:
+            return self.base(tuple(arrays), *args[1:], **kwargs)
+        return self.base(*arrays, **kwargs)
 
     @classmethod
-    def wrap(cls, fn, default, config):
-        """``fn`` (None: ``default``) with its kernel quantized by ``config``. An existing wrapper is replaced, and
-        32-bit weights get the unwrapped function back (None stays None, i.e. the layer's own default)."""
+    def wrap(cls, fn, config, *, nnx_layer=False):
+        """``fn`` (a promote_dtype function; None: Flax's default) with the kernel quantized by ``config``. An
+        existing wrapper is replaced, and 32-bit weights get the unwrapped function back."""
         base = fn.base if isinstance(fn, cls) else fn
+        if base is None:
+            base = nnx_promote_dtype if nnx_layer else linen_promote_dtype
         if config.w_bits == 32:
             return base
-        return cls(base or default, config)
+        return cls(base, config, nnx_layer)
 
 
-def _install_kernel_quantizer(module: nn.Module, hook: str, default: Callable) -> None:
-    """Sets a Linen layer's conv/dot hook field to the quantizing wrapper for ``module.config`` (frozen field)."""
-    object.__setattr__(module, hook, _QuantizedKernel.wrap(getattr(module, hook), default, module.config))
+def _install_kernel_quantizer(module: nn.Module) -> None:
+    """Sets a Linen layer's ``promote_dtype`` field to the quantizing wrapper for ``module.config`` (frozen)."""
+    object.__setattr__(module, "promote_dtype", _QuantizedKernel.wrap(module.promote_dtype, module.config))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -182,22 +195,28 @@ def _install_kernel_quantizer(module: nn.Module, hook: str, default: Callable) -
 
 
 class QuantConv(nn.Conv):
-    """``nn.Conv`` whose kernel goes through ``config.quantize_weight`` (per tensor) on every forward."""
+    """``nn.Conv`` whose kernel goes through ``config.quantize_weight`` (per tensor) on every forward.
+
+    The kernel is quantized in its parameter dtype before the cast to ``dtype`` (a bfloat16 layer convolves with
+    the float32-quantized kernel cast to bfloat16), through the layer's ``promote_dtype`` hook, so a custom
+    ``conv_general_dilated`` or ``conv_general_dilated_cls`` receives the quantized kernel too.
+    """
 
     config: QuantConfig = QuantConfig()
 
     def __post_init__(self):
-        _install_kernel_quantizer(self, "conv_general_dilated", lax.conv_general_dilated)
+        _install_kernel_quantizer(self)
         super().__post_init__()
 
 
 class QuantDense(nn.Dense):
-    """``nn.Dense`` whose kernel goes through ``config.quantize_weight`` on every forward."""
+    """``nn.Dense`` whose kernel goes through ``config.quantize_weight`` on every forward (as in
+    :class:`QuantConv`: quantized in the parameter dtype, and ``dot_general``/``dot_general_cls`` see it)."""
 
     config: QuantConfig = QuantConfig()
 
     def __post_init__(self):
-        _install_kernel_quantizer(self, "dot_general", lax.dot_general)
+        _install_kernel_quantizer(self)
         super().__post_init__()
 
 
@@ -346,20 +365,20 @@ class CorrelationGap(nnx.Variable):
 
 
 class NNXQuantConv(nnx.Conv):
-    """``nnx.Conv`` (same arguments) plus ``config``: the kernel is quantized on every forward."""
+    """``nnx.Conv`` (same arguments) plus ``config``: the kernel is quantized on every forward, in its parameter
+    dtype, through the ``promote_dtype`` hook (a ``promote_dtype`` passed in is wrapped)."""
 
-    def __init__(self, *args, config: QuantConfig = QuantConfig(), conv_general_dilated=None, **kwargs):
-        fn = _QuantizedKernel.wrap(conv_general_dilated, lax.conv_general_dilated, config) or lax.conv_general_dilated
-        super().__init__(*args, conv_general_dilated=fn, **kwargs)
+    def __init__(self, *args, config: QuantConfig = QuantConfig(), promote_dtype=None, **kwargs):
+        super().__init__(*args, promote_dtype=_QuantizedKernel.wrap(promote_dtype, config, nnx_layer=True), **kwargs)
         self.config = config
 
 
 class NNXQuantLinear(nnx.Linear):
-    """``nnx.Linear`` (same arguments) plus ``config``: the kernel is quantized on every forward."""
+    """``nnx.Linear`` (same arguments) plus ``config``: the kernel is quantized on every forward, as in
+    :class:`NNXQuantConv`."""
 
-    def __init__(self, *args, config: QuantConfig = QuantConfig(), dot_general=None, **kwargs):
-        fn = _QuantizedKernel.wrap(dot_general, lax.dot_general, config)
-        super().__init__(*args, dot_general=fn, **kwargs)
+    def __init__(self, *args, config: QuantConfig = QuantConfig(), promote_dtype=None, **kwargs):
+        super().__init__(*args, promote_dtype=_QuantizedKernel.wrap(promote_dtype, config, nnx_layer=True), **kwargs)
         self.config = config
 
 

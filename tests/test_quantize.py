@@ -88,14 +88,86 @@ def test_quant_dense_uses_quantized_kernel():
 def test_clone_with_other_config_does_not_wrap_twice():
     conv = quantize.QuantConv(4, (1, 1), config=CFG)
     other = conv.clone(config=quantize.QuantConfig(w_bits=2))
-    assert other.conv_general_dilated.config.w_bits == 2
-    assert other.conv_general_dilated.base is jax.lax.conv_general_dilated
-    # A clone to full precision gets the plain convolution back, not the old quantizing hook.
-    assert conv.clone(config=quantize.QuantConfig()).conv_general_dilated is jax.lax.conv_general_dilated
+    assert other.promote_dtype.config.w_bits == 2
+    assert not isinstance(other.promote_dtype.base, type(conv.promote_dtype))
     x = jax.random.normal(jax.random.key(21), (2, 3, 3, 2))
+    v = other.init(jax.random.key(22), x)
+    w2 = quantizers.alignq_weight(v["params"]["kernel"], 2)
+    np.testing.assert_allclose(other.apply(v, x), nn.Conv(4, (1, 1)).apply({"params": {**v["params"], "kernel": w2}}, x),
+                               atol=1e-6)
+    # A clone to full precision is the plain convolution again, not the old quantizing hook.
     fp = conv.clone(config=quantize.QuantConfig())
-    v = fp.init(jax.random.key(22), x)
     np.testing.assert_array_equal(fp.apply(v, x), nn.Conv(4, (1, 1)).apply(v, x))
+
+
+class _RecordingConv:
+    """A ``conv_general_dilated_cls`` / ``dot_general_cls`` stand-in: records the kernel it is given."""
+
+    seen = []
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, lhs, rhs, *args, **kwargs):
+        _RecordingConv.seen.append(rhs)
+        return self.fn(lhs, rhs, *args, **kwargs)
+
+
+@pytest.mark.parametrize("layer", ["conv", "dense"])
+def test_injection_point_cls_receives_the_quantized_kernel(layer):
+    """Flax prefers ``*_cls`` over the conv/dot function: quantization must not be bypassed by it."""
+    _RecordingConv.seen.clear()
+    if layer == "conv":
+        cls = lambda: _RecordingConv(jax.lax.conv_general_dilated)  # noqa: E731
+        mod = quantize.QuantConv(3, (3, 3), config=CFG, conv_general_dilated_cls=cls)
+        plain, x = nn.Conv(3, (3, 3)), X
+    else:
+        cls = lambda: _RecordingConv(jax.lax.dot_general)  # noqa: E731
+        mod = quantize.QuantDense(3, config=CFG, dot_general_cls=cls)
+        plain, x = nn.Dense(3), X.reshape(4, -1)
+    v = mod.init(jax.random.key(23), x)
+    _RecordingConv.seen.clear()
+    out = mod.apply(v, x)
+    wq = quantizers.alignq_weight(v["params"]["kernel"], 4)
+    np.testing.assert_array_equal(_RecordingConv.seen[-1], wq)
+    np.testing.assert_allclose(out, plain.apply({"params": {**v["params"], "kernel": wq}}, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["conv", "dense"])
+def test_bfloat16_layer_quantizes_the_float32_kernel(layer):
+    """The kernel is quantized from the float32 parameter, then cast: the bf16 layer convolves with exactly
+    bf16(alignq_weight(w_f32)) (not a quantization of the bf16-rounded weights)."""
+    seen = []
+
+    def record(lhs, rhs, *args, **kwargs):
+        seen.append(rhs)
+        return (jax.lax.conv_general_dilated if layer == "conv" else jax.lax.dot_general)(lhs, rhs, *args, **kwargs)
+
+    cfg = quantize.QuantConfig(w_bits=8)
+    if layer == "conv":
+        mod, x = quantize.QuantConv(6, (3, 3), config=cfg, dtype=jnp.bfloat16, conv_general_dilated=record), X
+    else:
+        mod, x = quantize.QuantDense(6, config=cfg, dtype=jnp.bfloat16, dot_general=record), X.reshape(4, -1)
+    v = mod.init(jax.random.key(24), x)
+    seen.clear()
+    mod.apply(v, x)
+    w = v["params"]["kernel"]
+    assert w.dtype == jnp.float32 and seen[-1].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(seen[-1], quantizers.alignq_weight(w, 8).astype(jnp.bfloat16))
+
+
+def test_nnx_layers_at_full_precision_equal_plain_nnx():
+    """The default config (32 bits) gives the plain nnx layers (it used to call None)."""
+    lin = quantize.NNXQuantLinear(8, 3, rngs=nnx.Rngs(0))
+    ref = nnx.Linear(8, 3, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(25), (4, 8))
+    np.testing.assert_array_equal(lin(h), ref(h))
+    conv = quantize.NNXQuantConv(2, 5, (3, 3), rngs=nnx.Rngs(1))
+    ref_c = nnx.Conv(2, 5, (3, 3), rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(conv(X), ref_c(X))
+    # and quantized they use the quantized kernel
+    q = quantize.NNXQuantLinear(8, 3, config=CFG, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(q(h), h @ quantizers.alignq_weight(ref.kernel[...], 4) + ref.bias[...], atol=1e-5)
 
 
 def test_activation_records_gap_only_when_collection_mutable(tiny):
