@@ -9,6 +9,11 @@ Two level modes everywhere:
   activations with act_range 2: 4n+1 levels), i.e. about one bit more than k. Use it to reproduce the paper.
 
 Rounding uses a straight-through estimator (``jax.custom_vjp``); the CDF is differentiated exactly.
+
+Dtypes: every quantizer computes its statistics, CDF values, threshold compares and rounding in float32 (or float64
+for float64 inputs) whatever the input dtype, and casts the result back to the input dtype. A bfloat16 input ``x``
+gives exactly ``quantize(x.astype(float32)).astype(bfloat16)``, and its gradient is the float32 gradient cast to
+bfloat16. Inputs must be floating point.
 """
 
 from __future__ import annotations
@@ -71,6 +76,22 @@ def _check_weight_args(w, bits, levels, surrogate):
     """Validated (bits, levels, surrogate) of a per-tensor weight quantizer call."""
     _check_per_tensor(w)
     return check_bits(bits), check_levels(levels), _check_surrogate(surrogate)
+
+
+def _compute_dtype(*arrays):
+    """The dtype the quantizer numerics run in: at least float32 (bfloat16/float16 inputs are upcast).
+
+    Statistics, CDF values, threshold compares and rounding in bfloat16 would change which level a value lands
+    on (a bf16 step is 2^-8 relative), i.e. change the method; only the result is cast back to the input dtype.
+    """
+    dtype = jnp.result_type(*arrays)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"quantizers need floating-point inputs; got dtype {dtype}")
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _as_compute(x, dtype):
+    return x if x.dtype == dtype else x.astype(dtype)
 
 
 def _check_per_tensor(w):
@@ -189,13 +210,17 @@ def cdf_align_weight(w, *, stop_stats_grad=False):
     Returns: same shape as w.
     """
     _check_per_tensor(w)
-    return 2.0 * normal_cdf(_standardise_per_tensor(w, stop_stats_grad)) - 1.0
+    w = jnp.asarray(w)
+    wc = _as_compute(w, _compute_dtype(w))
+    return (2.0 * normal_cdf(_standardise_per_tensor(wc, stop_stats_grad)) - 1.0).astype(w.dtype)
 
 
 def cdf_align_activation(x, act_range=2.0):
     """Unrounded aligned activations act_range * (2*Phi(x) - 1) in (-act_range, act_range) (reference section 2)."""
     a = check_act_range(act_range)
-    return a * (2.0 * normal_cdf(x) - 1.0)
+    x = jnp.asarray(x)
+    xc = _as_compute(x, _compute_dtype(x))
+    return (a * (2.0 * normal_cdf(xc) - 1.0)).astype(x.dtype)
 
 
 def alignq_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=None):
@@ -216,8 +241,10 @@ def alignq_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=N
     bits, levels, surrogate = _check_weight_args(w, bits, levels, surrogate)
     if bits == 32:
         return w
-    u = normal_cdf(_standardise_per_tensor(w, stop_stats_grad))
-    return _grid_from_unit_interval(u, bits, levels, surrogate)
+    w = jnp.asarray(w)
+    wc = _as_compute(w, _compute_dtype(w))
+    u = normal_cdf(_standardise_per_tensor(wc, stop_stats_grad))
+    return _grid_from_unit_interval(u, bits, levels, surrogate).astype(w.dtype)
 
 
 # Above this many rounding thresholds the forward uses the CDF formula; at or below it, it counts thresholds.
@@ -310,7 +337,9 @@ def alignq_activation(x, bits, *, act_range=2.0, levels="exact", relu=False):
     a = check_act_range(act_range)
     if bits == 32:
         return jax.nn.relu(x) if relu else x
-    return _alignq_activation(x, bits, levels, a, bool(relu))
+    x = jnp.asarray(x)
+    xc = _as_compute(x, _compute_dtype(x))
+    return _alignq_activation(xc, bits, levels, a, bool(relu)).astype(x.dtype)
 
 
 def _check_channel_affine(h, scale, shift):
@@ -376,10 +405,13 @@ def alignq_activation_affine(h, scale, shift, bits, *, act_range=2.0, levels="ex
     levels = check_levels(levels)
     a = check_act_range(act_range)
     _check_channel_affine(h, scale, shift)
+    h, scale, shift = jnp.asarray(h), jnp.asarray(scale), jnp.asarray(shift)
+    dtype = _compute_dtype(h, scale, shift)
+    hc, sc, bc = _as_compute(h, dtype), _as_compute(scale, dtype), _as_compute(shift, dtype)
     if bits == 32:
-        x = h * scale + shift
-        return jax.nn.relu(x) if relu else x
-    return _alignq_affine(h, scale, shift, bits, levels, a, bool(relu))
+        x = hc * sc + bc
+        return (jax.nn.relu(x) if relu else x).astype(h.dtype)
+    return _alignq_affine(hc, sc, bc, bits, levels, a, bool(relu)).astype(h.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -402,6 +434,11 @@ def uniform_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=
     bits, levels, surrogate = _check_weight_args(w, bits, levels, surrogate)
     if bits == 32:
         return w
+    w = jnp.asarray(w)
+    return _uniform_weight(_as_compute(w, _compute_dtype(w)), bits, levels, surrogate).astype(w.dtype)
+
+
+def _uniform_weight(w, bits, levels, surrogate):
     if bits == 1:
         return _mean_abs_sign(w)
     n = 2.0**bits - 1.0
@@ -419,16 +456,21 @@ def uniform_activation(x, bits, *, act_range=2.0, levels="exact", relu=False):
     baseline quantizes after ReLU on [0, 1] instead (reference 9); we keep AlignQ's placement so that the
     comparison changes only the alignment. ``relu`` applies the following ReLU (as in :func:`alignq_activation`).
     """
-    q = _uniform_activation(x, bits, act_range, levels)
-    return jax.nn.relu(q) if relu else q
-
-
-def _uniform_activation(x, bits, act_range, levels):
     bits = check_bits(bits)
     levels = check_levels(levels)
     a = check_act_range(act_range)
     if bits == 32:
-        return x
+        return jax.nn.relu(x) if relu else x
+    x = jnp.asarray(x)
+    return _uniform_activation(_as_compute(x, _compute_dtype(x)), bits, a, levels, bool(relu)).astype(x.dtype)
+
+
+def _uniform_activation(x, bits, a, levels, relu):
+    q = _uniform_activation_signed(x, bits, a, levels)
+    return jax.nn.relu(q) if relu else q
+
+
+def _uniform_activation_signed(x, bits, a, levels):
     clipped = jnp.clip(x, -a, a)
     n = 2.0**bits - 1.0
     if levels == "exact":
@@ -452,13 +494,22 @@ class QuantizerPair(NamedTuple):
 
 def _clip_activation(x, act_range=2.0):
     a = check_act_range(act_range)
-    return jnp.clip(x, -a, a)
+    x = jnp.asarray(x)
+    return jnp.clip(_as_compute(x, _compute_dtype(x)), -a, a).astype(x.dtype)
 
 
 def uniform_activation_affine(h, scale, shift, bits, *, act_range=2.0, levels="exact", relu=False):
     """``uniform_activation(h * scale + shift, ...)`` (plain autodiff: its backward only needs a clip mask)."""
+    bits = check_bits(bits)
+    levels = check_levels(levels)
+    a = check_act_range(act_range)
     _check_channel_affine(h, scale, shift)
-    return uniform_activation(h * scale + shift, bits, act_range=act_range, levels=levels, relu=relu)
+    h, scale, shift = jnp.asarray(h), jnp.asarray(scale), jnp.asarray(shift)
+    dtype = _compute_dtype(h, scale, shift)
+    x = _as_compute(h, dtype) * _as_compute(scale, dtype) + _as_compute(shift, dtype)
+    if bits == 32:
+        return (jax.nn.relu(x) if relu else x).astype(h.dtype)
+    return _uniform_activation(x, bits, a, levels, bool(relu)).astype(h.dtype)
 
 
 QUANTIZERS: dict[str, QuantizerPair] = {
