@@ -39,10 +39,11 @@ def train_step(
     """
     mutable = ["batch_stats", GAP_COLLECTION] if admm is not None else ["batch_stats"]
 
-    # A fresh key per step (and per device) for the sampled-feature correlation estimate.
-    step_key = state.rng
+    # Split before use: one half is this step's key, the other is carried to the next state, so no key is both
+    # consumed and split. A fresh key per step (and per device) for the sampled-feature correlation estimate.
+    step_key, next_rng = jax.random.split(state.rng)
     if axis_name is not None and not same_rng_on_devices:
-        step_key = jax.random.fold_in(state.rng, jax.lax.axis_index(axis_name))
+        step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -74,7 +75,7 @@ def train_step(
         opt_state=opt_state,
         admm_state=admm_state,
         step=state.step + 1,
-        rng=jax.random.split(state.rng)[0],
+        rng=next_rng,
     )
     return new_state, metrics
 
