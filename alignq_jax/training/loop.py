@@ -12,13 +12,16 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from alignq_jax.admm import ADMMState
 from alignq_jax.data import ArrayDataset
 from alignq_jax.training.state import TrainConfig, TrainState, create_train_state
 from alignq_jax.training.steps import Steps, canonical_state, make_steps
@@ -80,24 +83,48 @@ def _checkpoint_manager(workdir: Path):
 
 
 def save_checkpoint(manager, epoch: int, state: TrainState, meta: dict) -> None:
+    """Saves ``state`` and ``meta`` as checkpoint ``epoch`` (1-based: the number of finished epochs).
+
+    Raises RuntimeError if Orbax did not save (it returns False, e.g. when that step already exists): a run must
+    never go on with a checkpoint of another run standing in for its own.
+    """
     import orbax.checkpoint as ocp
 
-    manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    saved = manager.save(
+        epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    )
     manager.wait_until_finished()
+    if not saved:
+        raise RuntimeError(
+            f"the checkpoint of epoch {epoch} was not saved in {manager.directory} (Orbax returned False; a "
+            "checkpoint of that epoch already exists there?)"
+        )
 
 
 def restore_checkpoint(manager, template: TrainState, epoch: int | None = None) -> tuple[TrainState, dict]:
+    """(state, meta) of checkpoint ``epoch`` (default: the latest), restored into ``template``'s structure."""
     import orbax.checkpoint as ocp
 
     epoch = manager.latest_step() if epoch is None else epoch
     restored = manager.restore(
         epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore())
     )
-    return restored["state"], restored["meta"]
+    meta = restored["meta"]
+    if "epochs_done" not in meta:
+        raise ValueError(
+            f"checkpoint {epoch} in {manager.directory} was written by an older version of alignq_jax (epochs "
+            "counted from 0); it cannot be resumed: start the run again without resume"
+        )
+    return restored["state"], meta
 
 
 def load_variables(checkpoint_dir: str | os.PathLike) -> dict:
-    """{"params", "batch_stats"} of the latest checkpoint in a run's workdir (for ``--init-from``)."""
+    """Variables of the latest checkpoint in a run's workdir (for ``--init-from`` and the progressive chain).
+
+    Returns {"params", "batch_stats"}, plus "admm_state" (an ``ADMMState`` in the canonical layout of
+    ``FitResult.state.admm_state``) when the run trained with ADMM. All three can be passed to ``fit`` as
+    ``init_variables``.
+    """
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir)
@@ -111,7 +138,89 @@ def load_variables(checkpoint_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"no checkpoint found in {path}")
     restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     state = restored["state"]
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    if state.get("admm_state") is not None:
+        variables["admm_state"] = _as_admm_state(state["admm_state"])
+    return variables
+
+
+def _as_admm_state(tree) -> ADMMState:
+    """An ADMMState from one, or from the {"z", "gamma"} mapping Orbax restores without a template."""
+    if isinstance(tree, ADMMState):
+        return tree
+    if isinstance(tree, dict) and set(tree) == {"z", "gamma"}:
+        return ADMMState(z=tree["z"], gamma=tree["gamma"])
+    raise ValueError(
+        f"admm_state must be an ADMMState or a mapping with keys 'z' and 'gamma'; got {type(tree).__name__}"
+        + (f" with keys {sorted(tree)}" if isinstance(tree, dict) else "")
+    )
+
+
+def initial_admm_state(template: ADMMState, given) -> ADMMState:
+    """``given`` (e.g. the previous stage's final ADMM state) checked against and cast like ``template``.
+
+    Both in the canonical layout: per-device states (devices, B, B), one global state (B, B), B the correlation
+    batch. Raises ValueError naming the first layer whose shape differs.
+    """
+    given = _as_admm_state(given)
+    if jax.tree.structure(template) != jax.tree.structure(given):
+        raise ValueError(
+            "init admm_state does not have this model's correlation layers: was it trained with another model? "
+            f"expected layers {_layer_names(template.z)}, got {_layer_names(given.z)}"
+        )
+
+    def check(path, t, g):
+        if tuple(t.shape) != tuple(np.shape(g)):
+            raise ValueError(
+                f"init admm_state {jax.tree_util.keystr(path)} has shape {tuple(np.shape(g))} but this run needs "
+                f"{tuple(t.shape)}: the ADMM state is (devices, B, B) with per-device correlations or (B, B) global, "
+                "B the correlation batch; use the same batch_size, number of devices and global_correlation as the "
+                "run it comes from"
+            )
+        return jnp.asarray(g, t.dtype)
+
+    return jax.tree_util.tree_map_with_path(check, template, given)
+
+
+def _layer_names(tree) -> list[str]:
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+RUN_FILES = ("metrics.jsonl", "steps.jsonl")
+
+
+def _clear_run(workdir: Path) -> None:
+    """Removes a previous run's checkpoints and logs from ``workdir`` (a fresh run keeps nothing stale)."""
+    if (workdir / "checkpoints").exists():
+        shutil.rmtree(workdir / "checkpoints")
+    for name in RUN_FILES:
+        (workdir / name).unlink(missing_ok=True)
+
+
+def _truncate_logs(workdir: Path, history: list[dict], step: int) -> None:
+    """After a restore: metrics.jsonl = the restored history, steps.jsonl = its steps up to ``step``.
+
+    Steps logged after the last checkpoint (an interrupted epoch) are dropped, so the resumed run logs each step
+    exactly once. A line cut short by the interruption is dropped too.
+    """
+    _rewrite(workdir / "metrics.jsonl", [json.dumps(r) for r in history])
+    path = workdir / "steps.jsonl"
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
+    _rewrite(path, kept)
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def fit(
@@ -127,12 +236,21 @@ def fit(
 ) -> FitResult:
     """Trains ``config`` on ``dataset`` for ``config.epochs`` epochs, evaluating after each.
 
+    Epochs are numbered from 1 everywhere: history records, ``FitResult.best["epoch"]``, ``steps.jsonl``,
+    checkpoint numbers (checkpoint E holds the state after epoch E).
+
     Args:
       workdir: if given: ``metrics.jsonl`` (one line per epoch), ``steps.jsonl`` (every step), Orbax checkpoints
-        after every epoch, ``config.json``.
-      init_variables: {"params", "batch_stats"} to start from (e.g. the FP32 run).
+        after every epoch, ``config.json``. Without ``resume`` any checkpoints and logs already there are deleted
+        first: a fresh run never keeps or loads another run's checkpoints.
+      init_variables: {"params", "batch_stats"} to start from (e.g. the FP32 run), optionally with "admm_state"
+        (canonical layout, as ``FitResult.state.admm_state`` or ``load_variables``) as the initial ADMM state,
+        e.g. the previous stage of the progressive chain; its shapes must match this run's (same batch size,
+        devices and ``global_correlation``). An "admm_state" is not used when ``config.admm`` is False.
       resume: continue from the latest checkpoint in ``workdir`` (the next epoch; data order depends only on
-        (seed, epoch), so an interrupted and resumed run equals an uninterrupted one).
+        (seed, epoch), so an interrupted and resumed run equals an uninterrupted one). ``metrics.jsonl`` and
+        ``steps.jsonl`` are cut back to what that checkpoint covers, so every step is logged once. Without any
+        checkpoint in ``workdir`` the run starts from epoch 1 (with emptied logs).
       stop_after_epochs: stop early after this many epochs of this call (simulates an interruption; the
         schedule still follows ``config.epochs``).
       log: called with one line per epoch (e.g. ``print``); None is silent.
@@ -144,36 +262,43 @@ def fit(
         init_variables=init_variables,
     )
     state = canonical_state(steps, state)
+    if config.admm and init_variables is not None and init_variables.get("admm_state") is not None:
+        state = state.replace(admm_state=initial_admm_state(state.admm_state, init_variables["admm_state"]))
     workdir = Path(workdir) if workdir is not None else None
     manager = None
     history: list[dict] = []
-    start_epoch = 0
+    epochs_done = 0
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _clear_run(workdir)
         manager = _checkpoint_manager(workdir)
-        if resume and manager.latest_step() is not None:
-            state, meta = restore_checkpoint(manager, state)
-            history = meta["history"]
-            start_epoch = meta["epoch"] + 1
-        elif not resume:
-            for name in ("metrics.jsonl", "steps.jsonl"):
-                (workdir / name).unlink(missing_ok=True)
+        if resume:
+            if manager.latest_step() is not None:
+                state, meta = restore_checkpoint(manager, state)
+                history, epochs_done = meta["history"], meta["epochs_done"]
+            _truncate_logs(workdir, history, int(state.step))
         (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
 
-    placed = steps.place_state(state)
-    end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, start_epoch + stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        placed, record = _run_epoch(config, dataset, steps, placed, epoch, steps_per_epoch, workdir, progress)
-        history.append(record)
-        if workdir is not None:
-            with open(workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(manager, epoch, steps.host_state(placed), {"epoch": epoch, "history": history})
-        if log is not None:
-            log(
-                f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f} penalty {record['train_penalty']:.3g} "
-                f"train acc {record['train_accuracy']:.4f} test acc {record['test_accuracy']:.4f}"
-            )
+    try:
+        placed = steps.place_state(state)
+        end = config.epochs if stop_after_epochs is None else min(config.epochs, epochs_done + stop_after_epochs)
+        for epoch in range(epochs_done + 1, end + 1):
+            placed, record = _run_epoch(config, dataset, steps, placed, epoch, steps_per_epoch, workdir, progress)
+            history.append(record)
+            if workdir is not None:
+                with open(workdir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                save_checkpoint(manager, epoch, steps.host_state(placed), {"epochs_done": epoch, "history": history})
+            if log is not None:
+                log(
+                    f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f} "
+                    f"penalty {record['train_penalty']:.3g} train acc {record['train_accuracy']:.4f} "
+                    f"test acc {record['test_accuracy']:.4f}"
+                )
+    finally:
+        if manager is not None:
+            manager.close()
     if not history:
         raise ValueError("no epoch was run: nothing to resume from, or epochs already complete")
     best = max(history, key=lambda r: r["test_accuracy"])
@@ -181,26 +306,28 @@ def fit(
 
 
 def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, workdir, progress):
+    """Epoch ``epoch`` (1-based) of training, then evaluation. Returns (placed state, history record)."""
     from tqdm.auto import tqdm
 
     sums = {"loss": 0.0, "ce": 0.0, "penalty": 0.0, "accuracy": 0.0}
     n = 0
     start = time.perf_counter()
-    batches = dataset.train_batches(config.batch_size, seed=config.seed, epoch=epoch, **_shard_kwargs())
-    bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+    # The data order is a function of (seed, epoch - 1): epoch indices of the data pipeline count from 0.
+    batches = dataset.train_batches(config.batch_size, seed=config.seed, epoch=epoch - 1, **_shard_kwargs())
+    bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
     step_log = open(workdir / "steps.jsonl", "a") if workdir is not None else None
 
     def record_step(metrics):
         nonlocal n
         metrics = {k: float(v) for k, v in metrics.items()}  # waits for that step to finish
         if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss became {metrics['loss']} at epoch {epoch + 1}, step {n + 1}")
+            raise FloatingPointError(f"loss became {metrics['loss']} at epoch {epoch}, step {n + 1}")
         for k in sums:
             sums[k] += metrics[k]
         n += 1
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", penalty=f"{metrics['penalty']:.3g}", acc=f"{metrics['accuracy']:.3f}")
         if step_log is not None:
-            step_log.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + n, **metrics}) + "\n")
+            step_log.write(json.dumps({"epoch": epoch, "step": (epoch - 1) * steps_per_epoch + n, **metrics}) + "\n")
 
     try:
         # Metrics are read one step late, so the next step is already dispatched while the host waits.
@@ -213,6 +340,7 @@ def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, wo
         if pending is not None:
             record_step(pending)
     finally:
+        bar.close()
         if step_log is not None:
             step_log.close()
     train_seconds = time.perf_counter() - start
