@@ -1,12 +1,16 @@
 """Pure-function quantizers: AlignQ's Gaussian-CDF alignment and the plain uniform baseline.
 
-Array in, array out; no Flax, no state. Reference: ``alignq-reference.md`` sections 1-3 and 9.
+Array in, array out; no Flax, no state. Specification: docs/method.md §1-3 and §9.
 
 Two level modes everywhere:
 
-* ``levels="exact"`` (default): k bits give at most 2^k distinct values (a symmetric mid-rise grid).
+* ``levels="exact"`` (default): k bits give 2^k distinct values: a symmetric mid-rise grid, or, for an activation
+  quantizer followed by a ReLU (``relu=True``), an unsigned grid on [0, A] so the ReLU does not waste half the codes.
 * ``levels="paper"``: the official code's grid ``round(n*c)/n`` applied on [-1, 1] (weights: 2^(k+1)-1 levels,
-  activations with act_range 2: 4n+1 levels), i.e. about one bit more than k. Use it to reproduce the paper.
+  activations with act_range 2: 4n+1 levels, 2n+1 after a ReLU), i.e. about one bit more than k. Use it to
+  reproduce the paper.
+
+:func:`weight_levels` and :func:`activation_levels` list the exact values each configuration can output.
 
 Rounding uses a straight-through estimator (``jax.custom_vjp``); the CDF is differentiated exactly.
 
@@ -251,19 +255,29 @@ def alignq_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=N
 _MAX_THRESHOLDS = 64
 
 
+def _activation_grid(levels, relu):
+    """The activation grid: "exact" (signed, 2^k levels on [-A, A]), "unsigned" (exact mode followed by a ReLU:
+    2^k levels on [0, A]) or "paper" (the official grid; a following ReLU just clips it at 0)."""
+    return "unsigned" if (levels == "exact" and relu) else levels
+
+
 @functools.lru_cache(maxsize=None)
-def _activation_thresholds(bits, levels, a):
+def _activation_thresholds(bits, grid, a):
     """(lowest integer code, ((threshold, inclusive), ...)) such that the rounded code of x is the lowest code
     plus the number of thresholds below x, or None if there are more than _MAX_THRESHOLDS.
 
-    exact: code k = round(n*Phi(x)) in 0..n, thresholds Phi^-1((j + 0.5)/n). paper: code k = round(n*A*(2Phi(x)-1)),
+    exact: code k = round(n*Phi(x)) in 0..n, thresholds Phi^-1((j + 0.5)/n). unsigned: code k = round(n*(2Phi(x)-1))
+    for x > 0 (0 for x <= 0) in 0..n, thresholds Phi^-1(1/2 + (j + 0.5)/(2n)). paper: code k = round(n*A*(2Phi(x)-1)),
     thresholds where n*A*(2Phi-1) = m + 0.5. Computed in float64 (``statistics.NormalDist``). ``inclusive``
     reproduces round-half-to-even at an exact tie: the code goes up at x == threshold iff the upper code is even.
     """
     n = 2**bits - 1
-    if levels == "exact":
+    if grid == "exact":
         halves = [j + 0.5 for j in range(n)]
         to_u = lambda h: h / n  # noqa: E731
+    elif grid == "unsigned":
+        halves = [j + 0.5 for j in range(n)]
+        to_u = lambda h: 0.5 + h / (2.0 * n)  # noqa: E731
     else:
         halves = [m + 0.5 for m in range(-math.ceil(n * a) - 1, math.ceil(n * a) + 1) if abs(m + 0.5) < n * a]
         to_u = lambda h: 0.5 + h / (2.0 * n * a)  # noqa: E731
@@ -274,11 +288,12 @@ def _activation_thresholds(bits, levels, a):
     return int(math.floor(halves[0])), thresholds
 
 
-def _alignq_activation_forward(x, bits, levels, a):
-    if levels == "paper" and bits == 1:
+def _alignq_activation_forward(x, bits, grid, a):
+    """Rounded activations on ``grid`` (see _activation_grid), before any ReLU of the paper grid."""
+    if grid == "paper" and bits == 1:
         return jnp.sign(a * (2.0 * normal_cdf(x) - 1.0))
     n = 2.0**bits - 1.0
-    table = _activation_thresholds(bits, levels, a)
+    table = _activation_thresholds(bits, grid, a)
     if table is not None:
         # Counting thresholds needs only compares and adds, which XLA fuses into the ops around them; the erf of
         # the CDF formula stops that fusion and costs an extra activation-sized buffer per layer.
@@ -286,10 +301,18 @@ def _alignq_activation_forward(x, bits, levels, a):
         code = jnp.full(x.shape, float(low), x.dtype)
         for t, inclusive in thresholds:
             code = code + ((x >= t) if inclusive else (x > t)).astype(x.dtype)
-        q = a * (2.0 * code / n - 1.0) if levels == "exact" else code / n
+        if grid == "exact":
+            q = a * (2.0 * code / n - 1.0)
+        elif grid == "unsigned":
+            q = a * code / n
+        else:
+            q = code / n
         return jnp.where(jnp.isnan(x), x, q)  # comparisons with NaN are False; keep NaN in, NaN out
+    if grid == "unsigned":
+        # 2*Phi(x) - 1 = erf(x/sqrt 2), taken directly (no 1 + erf cancellation); max(., 0) keeps NaN.
+        return a * jnp.round(n * jnp.maximum(jax.lax.erf(x * _SQRT_HALF), 0.0)) / n
     u = normal_cdf(x)
-    if levels == "exact":
+    if grid == "exact":
         return a * (2.0 * jnp.round(n * u) / n - 1.0)
     return jnp.round(n * a * (2.0 * u - 1.0)) / n
 
@@ -301,8 +324,12 @@ def _alignq_activation_forward(x, bits, levels, a):
 # quantizer + ReLU keep one tensor for the backward, as a plain BN -> ReLU does.
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _alignq_activation(x, bits, levels, a, relu):
-    q = _alignq_activation_forward(x, bits, levels, a)
-    return jnp.maximum(q, 0.0) if relu else q
+    return _relu_of_grid(_alignq_activation_forward(x, bits, _activation_grid(levels, relu), a), levels, relu)
+
+
+def _relu_of_grid(q, levels, relu):
+    # The unsigned grid (exact mode + ReLU) is already non-negative; the paper grid is clipped at 0.
+    return jnp.maximum(q, 0.0) if (relu and levels == "paper") else q
 
 
 def _alignq_activation_fwd(x, bits, levels, a, relu):
@@ -320,17 +347,25 @@ _alignq_activation.defvjp(_alignq_activation_fwd, _alignq_activation_bwd)
 
 
 def alignq_activation(x, bits, *, act_range=2.0, levels="exact", relu=False):
-    """AlignQ activation quantizer (reference section 2): standard-normal CDF, scaled to (-A, A), rounded.
+    """AlignQ activation quantizer (docs/method.md §2): standard-normal CDF, scaled to (-A, A), rounded.
+
+    Grids (n = 2^bits - 1, A = act_range; :func:`activation_levels` lists the values):
+
+    * exact, relu=False: A*(2*round(n*Phi(x))/n - 1), 2^bits levels A*(2j/n - 1) on [-A, A] (no zero level).
+    * exact, relu=True: the unsigned grid on the CDF's upper half, A*round(n*u)/n with u = 2*Phi(x) - 1 for x > 0
+      and u = 0 for x <= 0: 2^bits levels A*j/n, j = 0..n, on [0, A]. (ReLU after the signed grid would keep only
+      2^(bits-1) + 1 of its levels.)
+    * paper: round(n*A*(2*Phi(x)-1))/n (4n+1 levels for A=2; sign at 1 bit), the official grid; relu=True clips
+      it at 0 (2n+1 levels for A=2), i.e. equals ``jax.nn.relu(alignq_activation(x, ..., levels="paper"))``.
 
     Args:
-      x: activations of any shape (the BatchNorm output; no statistics are computed here).
-      bits: 1..8, or 32 (identity).
-      act_range: A > 0. exact: A*(2*round(n*Phi(x))/n - 1) (2^bits levels); paper: round(n*A*(2*Phi(x)-1))/n
-        (4n+1 levels for A=2; sign at 1 bit).
+      x: activations of any shape (the BatchNorm output; no statistics are computed here), any float dtype.
+      bits: 1..8, or 32 (identity, or a plain ReLU if relu).
+      act_range: A > 0.
       levels: "exact" or "paper".
-      relu: apply the ReLU that follows the quantizer (reference section 7 placement) in the same fused op; the
-        result equals ``jax.nn.relu(alignq_activation(x, ...))`` with less memory kept for the backward.
-    Returns: same shape as x. Gradient: 2*A*phi(x) (STE through the rounding), times the ReLU mask if relu.
+      relu: the quantizer is followed by a ReLU (docs/method.md §7 placement), fused into the same op.
+    Returns: same shape and dtype as x. Gradient: 2*A*phi(x) (STE through the rounding, exact CDF derivative);
+    with relu, zero where x <= 0 (exact) or where the paper-grid output is 0.
     """
     bits = check_bits(bits)
     levels = check_levels(levels)
@@ -355,8 +390,8 @@ def _check_channel_affine(h, scale, shift):
 # and the per-channel scale/shift, never the BN output, so BN -> Q (-> ReLU) stores what a plain BN -> ReLU does.
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _alignq_affine(h, scale, shift, bits, levels, a, relu):
-    q = _alignq_activation_forward(h * scale + shift, bits, levels, a)
-    return jnp.maximum(q, 0.0) if relu else q
+    q = _alignq_activation_forward(h * scale + shift, bits, _activation_grid(levels, relu), a)
+    return _relu_of_grid(q, levels, relu)
 
 
 def _alignq_affine_fwd(h, scale, shift, bits, levels, a, relu):
@@ -364,15 +399,14 @@ def _alignq_affine_fwd(h, scale, shift, bits, levels, a, relu):
 
 
 def _positive_mask(x, bits, levels, a):
-    """q(x) > 0 from a threshold on x (the ReLU mask), without recomputing the rounded output.
+    """Where the gradient of quantizer + ReLU is not zeroed: a threshold on x, without recomputing the rounded output.
 
-    exact grid: the code passes n/2 at x = 0 (a tie: round half to even goes up for bits >= 2); paper grid:
-    round(n*c) >= 1 needs n*c > 1/2, i.e. x > Phi^-1(1/2 + 1/(4nA)); at 1 bit it is the sign of x.
+    exact mode (unsigned grid): x > 0, where the CDF's upper half 2*Phi(x) - 1 is positive (the STE passes the
+    gradient of the codes that round to 0 just above x = 0, as it does for every other level). paper grid: the
+    ReLU mask q(x) > 0; round(n*c) >= 1 needs n*c > 1/2, i.e. x > Phi^-1(1/2 + 1/(4nA)); at 1 bit it is x > 0.
     """
     n = 2**bits - 1
-    if levels == "exact":
-        return (x >= 0) if bits >= 2 else (x > 0)
-    if bits == 1:
+    if levels == "exact" or bits == 1:
         return x > 0
     return x > statistics.NormalDist().inv_cdf(0.5 + 1.0 / (4.0 * n * a))
 
@@ -395,11 +429,12 @@ _alignq_affine.defvjp(_alignq_affine_fwd, _alignq_affine_bwd)
 
 def alignq_activation_affine(h, scale, shift, bits, *, act_range=2.0, levels="exact", relu=False):
     """``alignq_activation(h * scale + shift, ...)`` for a per-channel affine map, e.g. a BatchNorm's
-    normalisation folded into the quantizer (``QuantBatchNorm``). Same values and gradients, less memory.
+    normalisation folded into the quantizer (``QuantBatchNorm``). Same values, grids and gradients, less memory.
 
     Args:
-      h: (..., C) pre-normalisation activations (the conv output).
-      scale, shift: (C,) per-channel affine (BN: gamma/sqrt(var+eps) and beta - mean*scale).
+      h: (..., C) pre-normalisation activations (the conv output), any float dtype.
+      scale, shift: (C,) per-channel affine (BN: gamma/sqrt(var+eps) and beta - mean*scale), any float dtype.
+    Returns: (..., C) in h's dtype. The affine map is computed in float32 (at least) with the quantizer.
     """
     bits = check_bits(bits)
     levels = check_levels(levels)
@@ -451,10 +486,13 @@ def _uniform_weight(w, bits, levels, surrogate):
 def uniform_activation(x, bits, *, act_range=2.0, levels="exact", relu=False):
     """Plain uniform activation quantizer on (-A, A), placed where AlignQ's is (after BN, before ReLU).
 
-    paper: round(n*clip(x, -A, A))/n (4n+1 levels for A=2, like AlignQ's paper grid). exact: the 2^bits-level
-    grid A*(2*round(n*(clip(x,-A,A)/A+1)/2)/n - 1). Gradient 1 inside (-A, A), 0 outside. The official
-    baseline quantizes after ReLU on [0, 1] instead (reference 9); we keep AlignQ's placement so that the
-    comparison changes only the alignment. ``relu`` applies the following ReLU (as in :func:`alignq_activation`).
+    paper: round(n*clip(x, -A, A))/n (4n+1 levels for A=2, like AlignQ's paper grid; sign at 1 bit); relu=True
+    clips it at 0. exact: the 2^bits-level grid A*(2*round(n*(clip(x,-A,A)/A+1)/2)/n - 1); with relu=True the
+    unsigned 2^bits-level grid on [0, A], A*round(n*clip(x, 0, A)/A)/n (values A*j/n, j = 0..n), as AlignQ's
+    exact mode does. Gradient 1 inside the clip range ((-A, A), or (0, A) for the unsigned grid), 0 outside
+    (jnp.clip's 1/2 exactly at its ends); the paper grid with relu also zeroes it where the output is 0. The
+    official baseline quantizes after ReLU on [0, 1] instead (docs/method.md §9); we keep AlignQ's placement so
+    that the comparison changes only the alignment. Returns the shape and dtype of x.
     """
     bits = check_bits(bits)
     levels = check_levels(levels)
@@ -466,6 +504,10 @@ def uniform_activation(x, bits, *, act_range=2.0, levels="exact", relu=False):
 
 
 def _uniform_activation(x, bits, a, levels, relu):
+    if relu and levels == "exact":
+        # Unsigned grid on [0, A]: the ReLU would zero every negative level of the signed grid.
+        n = 2.0**bits - 1.0
+        return a * _round(n * jnp.clip(x, 0.0, a) / a) / n
     q = _uniform_activation_signed(x, bits, a, levels)
     return jax.nn.relu(q) if relu else q
 
