@@ -17,6 +17,9 @@ Two modes:
 
 In both modes Z and Gamma are held constant (stop_gradient) in the penalty; ``update`` is one jitted call for the
 whole tree and is meant to run after the optimizer step with the gaps of the same forward pass.
+
+The state is float32 whatever the gaps' dtype (float64 for float64 gaps): a bfloat16 dual would stop
+accumulating small steps. Gaps are upcast before the penalty and the update.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ class ADMMState(NamedTuple):
 
     z: Any
     gamma: Any
+
+
+def _state_dtype(dtype):
+    """float32 for float32 and narrower gaps (bfloat16, float16), float64 for float64 gaps."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _check_square(d):
@@ -112,7 +120,10 @@ def _update_tree(gaps, state, *, mode, mu, rho):
     leaves, treedef = jax.tree_util.tree_flatten(gaps)
     z_leaves = treedef.flatten_up_to(state.z)
     g_leaves = treedef.flatten_up_to(state.gamma)
-    new = [_UPDATE[mode](d, z, g, mu, rho) for d, z, g in zip(leaves, z_leaves, g_leaves)]
+    new = []
+    for d, z, g in zip(leaves, z_leaves, g_leaves):
+        dtype = _state_dtype(jnp.result_type(d, z, g))
+        new.append(_UPDATE[mode](d.astype(dtype), z.astype(dtype), g.astype(dtype), mu, rho))
     return ADMMState(
         z=jax.tree_util.tree_unflatten(treedef, [zn for zn, _ in new]),
         gamma=jax.tree_util.tree_unflatten(treedef, [gn for _, gn in new]),
@@ -147,13 +158,16 @@ class ADMM:
 
         textbook: Z = Gamma = 0 with the gaps' shapes. paper: U[0,1) matrices of size dim x dim (dim = the
         training batch size), an independent draw for every leaf and for Z and Gamma; needs ``key`` and ``dim``.
+        The state is float32 (float64 for float64 gaps) whatever the gaps' dtype.
         """
         leaves, treedef = jax.tree_util.tree_flatten(gaps)
         for d in leaves:
             _check_square(d)
         if self.mode == "textbook":
             def zeros():  # separate buffers for Z and Gamma (a train step may donate both)
-                return jax.tree_util.tree_unflatten(treedef, [jnp.zeros(d.shape, jnp.result_type(d)) for d in leaves])
+                return jax.tree_util.tree_unflatten(
+                    treedef, [jnp.zeros(d.shape, _state_dtype(jnp.result_type(d))) for d in leaves]
+                )
 
             return ADMMState(zeros(), zeros())
         if key is None or dim is None:
@@ -174,7 +188,9 @@ class ADMM:
         z_leaves = treedef.flatten_up_to(jax.lax.stop_gradient(state.z))
         g_leaves = treedef.flatten_up_to(jax.lax.stop_gradient(state.gamma))
         fn = _PENALTY[self.mode]
-        terms = [fn(d, z, g, self.mu, self.rho) for d, z, g in zip(leaves, z_leaves, g_leaves)]
+        terms = [
+            fn(d.astype(_state_dtype(d.dtype)), z, g, self.mu, self.rho) for d, z, g in zip(leaves, z_leaves, g_leaves)
+        ]
         return sum(terms, jnp.zeros((), jnp.float32))
 
     def update(self, gaps, state: ADMMState) -> ADMMState:

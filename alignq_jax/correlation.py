@@ -18,15 +18,23 @@ def _check_batch(x, name="x"):
         raise ValueError(f"{name} needs a batch of at least 2 samples for a batch correlation; got {jnp.shape(x)}")
 
 
+def gap_dtype(dtype):
+    """The dtype correlations are computed in: float32 for float32 and narrower inputs (bfloat16, float16),
+    float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def standardise_features(x, eps=1e-5):
     """(B, ...) -> (B, F): every feature column centred over the batch and divided by sqrt(var + eps^2).
 
     var is the unbiased (ddof=1) batch variance. sqrt(var + eps^2) ~ std + eps (the official Office code's
     epsilon) but keeps a finite derivative for features that are constant over the batch (reference quirk 9).
+    Computed in float32 (see :func:`gap_dtype`) whatever the input dtype: a bfloat16 batch gives exactly the
+    result of its float32 cast.
     """
     _check_batch(x)
     b = x.shape[0]
-    flat = x.reshape(b, -1)
+    flat = x.reshape(b, -1).astype(gap_dtype(x.dtype))
     centred = flat - jnp.mean(flat, axis=0, keepdims=True)
     var = jnp.sum(centred * centred, axis=0, keepdims=True) / (b - 1)
     return centred * jax.lax.rsqrt(var + eps * eps)

@@ -115,7 +115,7 @@ class QuantConfig:
         With ``correlation_features`` the feature columns are sampled first (``key``: a fresh PRNG key per step,
         the same on every device when ``axis_name`` is set), so only the sampled columns are transformed and
         kept for the backward. ``axis_name``: all-gather the (sampled) batch over this device axis first, for
-        the global correlation.
+        the global correlation. The target and the (B, B) gap are computed in float32 whatever x's dtype.
         """
         if self._samples(x, key):
             (x,) = _correlation.sample_features((x,), key, self.correlation_features)
@@ -124,11 +124,13 @@ class QuantConfig:
     def correlation_gap_affine(self, h, scale, shift, key=None, axis_name=None):
         """``correlation_gap(h * scale + shift)`` for per-channel (C,) scale/shift (BatchNorm folded in); with
         sampling, only the sampled columns of h are normalised."""
+        dtype = _correlation.gap_dtype(h.dtype)
+        scale, shift = scale.astype(dtype), shift.astype(dtype)
         if not self._samples(h, key):
-            return self._gap_of(h * scale + shift, axis_name)
+            return self._gap_of(h.astype(dtype) * scale + shift, axis_name)
         b, c = h.shape[0], h.shape[-1]
         offset, stride, count = _correlation.draw_feature_sample(h[0].size, key, self.correlation_features)
-        hs = _correlation.take_features(h.reshape(b, -1), offset, stride, count)
+        hs = _correlation.take_features(h.reshape(b, -1), offset, stride, count).astype(dtype)
         channel = _correlation.sampled_columns(offset, stride, count) % c  # NHWC: the channel is the fastest axis
         return self._gap_of(hs * scale[channel] + shift[channel], axis_name)
 
@@ -140,6 +142,8 @@ class QuantConfig:
         return self.correlation_features < x[0].size
 
     def _gap_of(self, x, axis_name):
+        # The target and the gap in float32 whatever the compute dtype (a bf16 target would change the term).
+        x = x.astype(_correlation.gap_dtype(x.dtype))
         if self.correlation_target == "quantized":
             target = self.quantize_activation(x)
         else:
@@ -302,13 +306,14 @@ class QuantBatchNorm(nn.Module):
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
                 ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
+        # mul/shift stay float32 for any compute dtype: the quantizer then normalises and rounds in float32 and
+        # only its result is cast back (a bf16 model quantizes exactly as float32 would, then casts).
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         shift = bias - mean * mul
-        mul, shift = mul.astype(h.dtype), shift.astype(h.dtype)
         if self.config.records_correlation and self.is_mutable_collection(GAP_COLLECTION):
             key = _gap_key(self, self.config)
             _sow_gap(self, self.config.correlation_gap_affine(h, mul, shift, key, self.correlation_axis_name))
-        return self.config.quantize_activation_affine(h, mul, shift, relu=self.relu)
+        return self.config.quantize_activation_affine(h, mul, shift, relu=self.relu).astype(h.dtype)
 
 
 def _interceptor(config: QuantConfig, include_dense: bool):

@@ -378,3 +378,40 @@ def test_jit_matches_eager(mode):
 def test_invalid_config_raises(kwargs):
     with pytest.raises(ValueError):
         ADMM(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes: the state is float32 whatever the gaps' dtype
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["paper", "textbook"])
+def test_bfloat16_gaps_give_the_float32_state_and_updates(mode):
+    """init/update/penalty from bfloat16 gaps equal those from the same values in float32, with a float32 state
+    (a bfloat16 dual would round away rho*(D - Z) steps smaller than 2^-8 of Gamma)."""
+    rng = np.random.default_rng(12)
+    admm = ADMM(mode=mode)
+    gaps32 = [{k: _f32(v) for k, v in _gaps_tree(rng).items()} for _ in range(30)]
+    gaps32 = [jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), g) for g in gaps32]
+    gaps16 = [jax.tree.map(lambda a: a.astype(jnp.bfloat16), g) for g in gaps32]
+    kw = dict(key=jax.random.key(13), dim=5) if mode == "paper" else {}
+    st16, st32 = admm.init(gaps16[0], **kw), admm.init(gaps32[0], **kw)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(st16))
+    for g16, g32 in zip(gaps16, gaps32):
+        np.testing.assert_array_equal(admm.penalty(g16, st16), admm.penalty(g32, st32))
+        st16, st32 = admm.update(g16, st16), admm.update(g32, st32)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(st16))
+        for a, b in zip(jax.tree.leaves(st16), jax.tree.leaves(st32)):
+            np.testing.assert_array_equal(a, b)
+    # The penalty's gradient flows back to the bf16 gaps in their own dtype.
+    grads = jax.grad(admm.penalty)(gaps16[0], st16)
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+
+
+def test_textbook_dual_keeps_accumulating_small_steps():
+    """Dual steps of rho * 1e-3 on Gamma = 1 accumulate (in bfloat16, 1 + 3e-4 rounds back to 1)."""
+    admm = ADMM(mode="textbook", mu=1e3, rho=RHO)  # large mu keeps Z at 0, so Gamma += rho * D each step
+    d = jnp.full((2, 2), 1e-3, jnp.bfloat16)
+    st = admm.init(d)
+    st = st._replace(gamma=st.gamma + 1.0)
+    for _ in range(50):
+        st = admm.update(d, st)
+    np.testing.assert_allclose(np.asarray(st.gamma), 1.0 + 50 * RHO * float(d[0, 0]), rtol=1e-5)

@@ -217,3 +217,25 @@ def test_correlation_gap_sampling_arguments():
     with pytest.raises(ValueError, match="num_features"):
         correlation_gap(x, x, num_features=0, key=jax.random.key(0))
     np.testing.assert_allclose(correlation_gap(x, 2 * x, num_features=8, key=jax.random.key(0)), 0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dtypes: correlations in float32 whatever the input dtype
+
+
+def test_bfloat16_gap_equals_gap_of_its_float32_cast():
+    x = jax.random.normal(jax.random.key(40), (8, 4, 4, 3)).astype(jnp.bfloat16) * 3 + 1
+    y = cdf_align_activation(x.astype(jnp.float32)).astype(jnp.bfloat16)
+    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+    d = correlation_gap(x, y)
+    assert d.dtype == jnp.float32
+    np.testing.assert_array_equal(d, correlation_gap(x32, y32))
+    np.testing.assert_array_equal(batch_correlation(x), batch_correlation(x32))
+    # and that float32 computation is the float64 reference to float32 rounding (a bf16 computation is not)
+    np.testing.assert_allclose(d, np_corr(y32) - np_corr(x32), atol=2e-6)
+    key = jax.random.key(41)
+    np.testing.assert_array_equal(correlation_gap(x, y, num_features=12, key=key),
+                                  correlation_gap(x32, y32, num_features=12, key=key))
+    # the gradient reaches the bf16 input in its own dtype
+    g = jax.grad(lambda x: jnp.sum(correlation_gap(x, y) ** 2))(x)
+    assert g.dtype == jnp.bfloat16

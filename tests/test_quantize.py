@@ -467,3 +467,45 @@ def test_threshold_count_forward_equals_cdf_rounding(levels, bits, act_range):
                                                       levels=levels))
     np.testing.assert_allclose(special[:2], [ref.min(), ref.max()], atol=1e-5)
     assert np.isnan(special[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bfloat16 compute: the quantizer numerics and the correlation gap run in float32, only results are cast.
+
+
+@pytest.mark.parametrize("features", [None, 20])
+@pytest.mark.parametrize("target", ["aligned", "quantized"])
+def test_config_gap_of_bfloat16_equals_float32(target, features):
+    cfg = quantize.QuantConfig(a_bits=4, correlation=True, correlation_target=target, correlation_features=features)
+    h = (jax.random.normal(jax.random.key(40), (6, 4, 5, 3)) * 3 + 1).astype(jnp.bfloat16)
+    scale, shift = jnp.array([1.3, 0.4, 2.0]), jnp.array([0.1, -0.8, 2.0])
+    key = jax.random.key(41) if features else None
+    a = cfg.correlation_gap_affine(h, scale, shift, key)
+    b = cfg.correlation_gap_affine(h.astype(jnp.float32), scale, shift, key)
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+    x = h * jnp.bfloat16(0.7)
+    np.testing.assert_array_equal(cfg.correlation_gap(x, key), cfg.correlation_gap(x.astype(jnp.float32), key))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_batchnorm_bfloat16_equals_float32_then_cast(bits, relu):
+    """A bf16 QuantBatchNorm gives exactly the float32 computation on the same (bf16) input, cast to bf16: the
+    statistics, the normalisation and the quantizer's compares run in float32 (they used to run in bf16)."""
+    cfg = quantize.QuantConfig(a_bits=bits, correlation=True)
+    h = (jax.random.normal(jax.random.key(42), (8, 6, 6, 4)) * 2.5 + 0.7).astype(jnp.bfloat16)
+    bn = quantize.QuantBatchNorm(cfg, relu=relu)
+    v = bn.init(jax.random.key(43), h, use_running_average=False)
+    v = {**v, "params": {"scale": jnp.array([1.0, -0.5, 2.0, 0.3]), "bias": jnp.array([0.2, 0.0, -0.4, 1.0])}}
+    cols = ["batch_stats", quantize.GAP_COLLECTION]
+    out16, upd16 = bn.apply(v, h, use_running_average=False, mutable=cols)
+    out32, upd32 = bn.apply(v, h.astype(jnp.float32), use_running_average=False, mutable=cols)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out16, out32.astype(jnp.bfloat16))
+    for a, b in zip(jax.tree.leaves(upd16), jax.tree.leaves(upd32)):
+        assert a.dtype == jnp.float32
+        np.testing.assert_array_equal(a, b)
+    ev16 = bn.apply({**v, "batch_stats": upd16["batch_stats"]}, h, use_running_average=True)
+    ev32 = bn.apply({**v, "batch_stats": upd16["batch_stats"]}, h.astype(jnp.float32), use_running_average=True)
+    np.testing.assert_array_equal(ev16, ev32.astype(jnp.bfloat16))
