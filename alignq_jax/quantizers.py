@@ -199,11 +199,21 @@ def _grid_from_unit_interval(u, bits, levels, surrogate=None):
 
 
 def _standardise_per_tensor(w, stop_stats_grad):
+    """z = (w - mean) / std (unbiased), per tensor; z = 0 everywhere for a tensor with no spread.
+
+    A constant tensor (e.g. a zero-initialised kernel) has std 0 and z = 0/0. It is defined to standardise to
+    z = 0 (all elements sit at the mean), with zero gradient: the output does not move with w there. Both the
+    value and the backward use a safe std, so no NaN appears on either side (sqrt'(0) is infinite). "No spread"
+    means max(w) == min(w), or a variance that underflows to 0 in float32; a mean off by rounding cannot turn
+    a constant tensor into +-1 standard deviations. Any other tensor gets exactly (w - mean) / std.
+    """
     mean = jnp.mean(w)
-    std = jnp.std(w, ddof=1)
+    var = jnp.var(w, ddof=1)
+    flat = (jnp.max(w) == jnp.min(w)) | (var == 0)  # NaN in w: not flat, so NaN propagates as before
+    std = jnp.sqrt(jnp.where(flat, 1.0, var))
     if stop_stats_grad:
         mean, std = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
-    return (w - mean) / std
+    return jnp.where(flat, 0.0, (w - mean) / std)
 
 
 def cdf_align_weight(w, *, stop_stats_grad=False):
@@ -211,7 +221,7 @@ def cdf_align_weight(w, *, stop_stats_grad=False):
 
     Args:
       w: any shape, at least 2 elements. Mean and unbiased std over all elements.
-    Returns: same shape as w.
+    Returns: same shape and dtype as w; 0 everywhere (zero gradient) for a constant tensor, as in alignq_weight.
     """
     _check_per_tensor(w)
     w = jnp.asarray(w)
@@ -241,6 +251,11 @@ def alignq_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=N
         Opt-in: the official optimizer computes it but discards it (reference 3.2), and its intended form
         multiplies by the CDF density a second time; here the density enters once, through the exact CDF chain.
     Returns: quantized weights in [-1, 1], same shape and dtype as w (values stay in CDF space; BN rescales).
+
+    A constant tensor (all elements equal, e.g. ``kernel_init=zeros``) standardises to z = 0, Phi(0) = 1/2, i.e. the
+    grid value nearest the middle: exact mode 1/n (the tie n/2 rounds half to even, up to the level just above
+    0; the exact grid has no 0), and -1 at 1 bit (round(1/2) = 0); paper mode 0. Its gradient is zero, so such a
+    kernel stays constant under training: initialise quantized kernels with a non-constant initialiser.
     """
     bits, levels, surrogate = _check_weight_args(w, bits, levels, surrogate)
     if bits == 32:
