@@ -224,19 +224,29 @@ class QuantDense(nn.Dense):
         super().__post_init__()
 
 
-def _sow_gap(module: nn.Module, gap) -> None:
+def _record_gap(module: nn.Module, x, axis_name: str | None, compute: Callable[[Any], Any]) -> None:
+    """Sows the B x B gap ``compute(key)`` of the batch x into ``GAP_COLLECTION`` if the layer records gaps.
+
+    During ``init`` a zero matrix of the gap's shape and dtype is recorded instead: initialisation only needs the
+    shapes (they size the ADMM state), and a batch of one sample, which has no batch correlation, must init too.
+    """
+    config = module.config
+    if not (config.records_correlation and module.is_mutable_collection(GAP_COLLECTION)):
+        return
+    if module.is_initializing():
+        b = x.shape[0] * (jax.lax.psum(1, axis_name) if axis_name is not None else 1)
+        gap = jnp.zeros((b, b), _correlation.gap_dtype(x.dtype))
+    else:
+        gap = compute(module.make_rng(CORRELATION_RNG) if config.correlation_features else None)
     module.sow(GAP_COLLECTION, "gap", gap, init_fn=lambda: None, reduce_fn=lambda _, new: new)
-
-
-def _gap_key(module: nn.Module, config: QuantConfig):
-    return module.make_rng(CORRELATION_RNG) if config.correlation_features else None
 
 
 class QuantActivation(nn.Module):
     """Activation quantizer (place after BatchNorm, before ReLU; reference section 7).
 
     Records the B x B correlation gap into ``GAP_COLLECTION`` under the name "gap" when ``config.correlation``
-    is on, a_bits < 32 and that collection is mutable (so evaluation does not pay for it).
+    is on, a_bits < 32 and that collection is mutable (so evaluation does not pay for it). ``init`` records a
+    zero matrix of that shape instead (it only sizes the ADMM state), so a model initialises with any batch.
 
     ``relu``: also apply the ReLU that follows (fused; the correlation gap still uses the pre-ReLU values).
     ``axis_name``: inside ``shard_map``/``pmap``, all-gather the batch over this device axis first, so the gap is
@@ -250,8 +260,7 @@ class QuantActivation(nn.Module):
     @nn.compact
     def __call__(self, x):
         q = self.config.quantize_activation(x, relu=self.relu)
-        if self.config.records_correlation and self.is_mutable_collection(GAP_COLLECTION):
-            _sow_gap(self, self.config.correlation_gap(x, _gap_key(self, self.config), self.axis_name))
+        _record_gap(self, x, self.axis_name, lambda key: self.config.correlation_gap(x, key, self.axis_name))
         return q
 
 
@@ -270,6 +279,8 @@ class QuantBatchNorm(nn.Module):
       relu: apply ReLU after the quantizer (fused).
       axis_name: device axis over which batch statistics are averaged (data parallel).
       correlation_axis_name: all-gather the batch over this axis for the correlation gap (global correlation).
+
+    The gap is recorded as by :class:`QuantActivation` (a zero placeholder of its shape during ``init``).
     """
 
     config: QuantConfig = QuantConfig()
@@ -310,9 +321,10 @@ class QuantBatchNorm(nn.Module):
         # only its result is cast back (a bf16 model quantizes exactly as float32 would, then casts).
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         shift = bias - mean * mul
-        if self.config.records_correlation and self.is_mutable_collection(GAP_COLLECTION):
-            key = _gap_key(self, self.config)
-            _sow_gap(self, self.config.correlation_gap_affine(h, mul, shift, key, self.correlation_axis_name))
+        _record_gap(
+            self, h, self.correlation_axis_name,
+            lambda key: self.config.correlation_gap_affine(h, mul, shift, key, self.correlation_axis_name),
+        )
         return self.config.quantize_activation_affine(h, mul, shift, relu=self.relu).astype(h.dtype)
 
 

@@ -509,3 +509,40 @@ def test_quant_batchnorm_bfloat16_equals_float32_then_cast(bits, relu):
     ev16 = bn.apply({**v, "batch_stats": upd16["batch_stats"]}, h, use_running_average=True)
     ev32 = bn.apply({**v, "batch_stats": upd16["batch_stats"]}, h.astype(jnp.float32), use_running_average=True)
     np.testing.assert_array_equal(ev16, ev32.astype(jnp.bfloat16))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# init with any batch
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("layer", ["activation", "batchnorm", "resnet20"])
+def test_init_works_with_a_batch_of_one(layer, train):
+    """init only needs the gaps' shapes (they size the ADMM state): it records zero B x B gaps and works with a
+    batch of one, which has no batch correlation (it used to raise "needs a batch of at least 2")."""
+    from alignq_jax.models import get_model
+
+    cfg = quantize.QuantConfig(4, 4, correlation=True, correlation_features=8)
+    if layer == "activation":
+        model, kwargs, n_gaps = quantize.QuantActivation(cfg), {}, 1
+    elif layer == "batchnorm":
+        model, kwargs, n_gaps = quantize.QuantBatchNorm(cfg), {"use_running_average": not train}, 1
+    else:
+        model, kwargs, n_gaps = get_model("resnet20", config=cfg), {"train": train}, 21
+    for b in (1, 3):
+        x = jax.random.normal(jax.random.key(50), (b, 8, 8, 3))
+        v = model.init(jax.random.key(51), x, **kwargs)  # no 'correlation' RNG stream needed either
+        gaps = jax.tree.leaves(v[quantize.GAP_COLLECTION])
+        assert len(gaps) == n_gaps
+        assert all(g.shape == (b, b) and g.dtype == jnp.float32 and not np.any(g) for g in gaps)
+        state = ADMM().init(v[quantize.GAP_COLLECTION])
+        assert all(z.shape == (b, b) for z in jax.tree.leaves(state.z))
+    # Recording a gap outside init still needs two samples, and says so.
+    x1 = jax.random.normal(jax.random.key(52), (1, 8, 8, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        model.apply(v, x1, mutable=[quantize.GAP_COLLECTION, "batch_stats"], rngs={"correlation": jax.random.key(0)},
+                    **kwargs)
+    # ... and a gap recorded by apply is the real one, not the init placeholder.
+    _, upd = model.apply(v, x, mutable=[quantize.GAP_COLLECTION, "batch_stats"],
+                         rngs={"correlation": jax.random.key(0)}, **kwargs)
+    assert all(np.any(g) for g in jax.tree.leaves(upd[quantize.GAP_COLLECTION]))
