@@ -124,7 +124,7 @@ def normal_pdf(x):
 
 
 def _soft_step_derivative(v, lam, lam2):
-    """The paper's sawtooth gradient (reference 3.1): lam * sigmoid'(t), t = 2*lam2*frac(v + 0.5).
+    """The paper's sawtooth gradient (docs/method.md §3.1): lam * sigmoid'(t), t = 2*lam2*frac(v + 0.5).
 
     frac(v + 0.5) is 0 just above a rounding threshold of round(v) and rises to 1 just below the next one.
     """
@@ -217,7 +217,7 @@ def _standardise_per_tensor(w, stop_stats_grad):
 
 
 def cdf_align_weight(w, *, stop_stats_grad=False):
-    """Unrounded aligned weights 2*Phi((w - mean)/std) - 1 in (-1, 1), per tensor (reference section 1).
+    """Unrounded aligned weights 2*Phi((w - mean)/std) - 1 in (-1, 1), per tensor (docs/method.md §1).
 
     Args:
       w: any shape, at least 2 elements. Mean and unbiased std over all elements.
@@ -230,7 +230,7 @@ def cdf_align_weight(w, *, stop_stats_grad=False):
 
 
 def cdf_align_activation(x, act_range=2.0):
-    """Unrounded aligned activations act_range * (2*Phi(x) - 1) in (-act_range, act_range) (reference section 2)."""
+    """Unrounded aligned activations act_range * (2*Phi(x) - 1) in (-act_range, act_range) (docs/method.md §2)."""
     a = check_act_range(act_range)
     x = jnp.asarray(x)
     xc = _as_compute(x, _compute_dtype(x))
@@ -238,7 +238,7 @@ def cdf_align_activation(x, act_range=2.0):
 
 
 def alignq_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=None):
-    """AlignQ weight quantizer (reference section 1): per-tensor Gaussian-CDF alignment, then uniform rounding.
+    """AlignQ weight quantizer (docs/method.md §1): per-tensor Gaussian-CDF alignment, then uniform rounding.
 
     Args:
       w: weight tensor of any shape (at least 2 elements), e.g. an HWIO conv kernel. Statistics are per tensor.
@@ -247,8 +247,8 @@ def alignq_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=N
         (2^(bits+1)-1 levels, the official code). n = 2^bits - 1, z = (w - mean)/std.
       stop_stats_grad: treat mean and std as constants in the gradient (the official code does not).
       surrogate: None (straight-through rounding, default and what the official code trains with), or
-        (lam, lam2) to use the paper's sigmoid soft-step as the derivative of the rounding (reference 3.1).
-        Opt-in: the official optimizer computes it but discards it (reference 3.2), and its intended form
+        (lam, lam2) to use the paper's sigmoid soft-step as the derivative of the rounding (docs/method.md §3.1).
+        Opt-in: the official optimizer computes it but discards it (docs/method.md §3.2), and its intended form
         multiplies by the CDF density a second time; here the density enters once, through the exact CDF chain.
     Returns: quantized weights in [-1, 1], same shape and dtype as w (values stay in CDF space; BN rescales).
 
@@ -465,7 +465,7 @@ def alignq_activation_affine(h, scale, shift, bits, *, act_range=2.0, levels="ex
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Plain uniform baseline (reference section 9, with the same signature and placement as AlignQ)
+# Plain uniform baseline (docs/method.md §9, with the same signature and placement as AlignQ)
 
 
 def _mean_abs_sign(w):
