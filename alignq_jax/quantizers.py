@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 LEVEL_MODES = ("exact", "paper")
@@ -329,7 +330,9 @@ def _alignq_activation_forward(x, bits, grid, a):
     u = normal_cdf(x)
     if grid == "exact":
         return a * (2.0 * jnp.round(n * u) / n - 1.0)
-    return jnp.round(n * a * (2.0 * u - 1.0)) / n
+    # XLA's float32 erf overshoots +-1 by an ulp or two for |x| > ~5; clipping keeps the code within +-round(n*A)
+    # (it mattered only where n*A is a half-integer, whose tie would otherwise round outwards past A).
+    return jnp.round(n * a * jnp.clip(2.0 * u - 1.0, -1.0, 1.0)) / n
 
 
 # One custom VJP for the whole activation quantizer: the backward keeps only x and computes 2*A*phi(x)*g, which
@@ -581,3 +584,73 @@ def get_quantizers(method: str) -> QuantizerPair:
         return QUANTIZERS[method]
     except KeyError:
         raise ValueError(f"method must be one of {tuple(QUANTIZERS)}; got {method!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Level sets: what each configuration can output (for results tables and docs).
+
+
+def weight_levels(method: str, bits: int, levels: str) -> np.ndarray:
+    """The sorted values (float64) the weight quantizer of ``method`` can output at ``bits`` and ``levels``.
+
+    alignq: exact 2j/n - 1, j = 0..n (2^bits values); paper j/n, j = -n..n (2^(bits+1) - 1 values); paper at 1 bit
+    {-1, 0, 1} (sign(w - mean): 0 only for a weight exactly at the mean, e.g. a constant tensor).
+    uniform: exact 2j/n - 1 as alignq. At 1 bit (both modes) mean|w| * sign(w), returned in units of the
+    tensor's mean|w| as {-1, 0, 1} (0 only for w exactly 0).
+    Raises ValueError for bits=32 (no finite set) and for uniform paper at 2+ bits, whose grid round(n*w)/n is
+    not clipped and so has no bound (any j/n).
+    """
+    get_quantizers(method)
+    bits, levels = check_bits(bits), check_levels(levels)
+    if bits == 32:
+        raise ValueError("bits=32 is full precision: there is no finite set of levels")
+    n = 2**bits - 1
+    if bits == 1 and (levels == "paper" or method == "uniform"):
+        return np.array([-1.0, 0.0, 1.0])
+    if levels == "exact":
+        return 2.0 * np.arange(n + 1) / n - 1.0
+    if method == "uniform":
+        raise ValueError(
+            "uniform weights with levels='paper' are not clipped: round(n*w)/n takes any value j/n, so there is "
+            "no finite set of levels; use levels='exact' for a bounded grid"
+        )
+    return np.arange(-n, n + 1) / n
+
+
+def _paper_activation_max_code(method, bits, a):
+    """Largest |code| of the paper activation grid round(n*c) (bits >= 2)."""
+    n = 2**bits - 1
+    if method == "uniform":
+        # c = clip(x, -A, A) reaches A itself; the product is formed in float32, then rounded half to even.
+        return int(np.round(np.float32(n) * np.float32(a)))
+    if _activation_thresholds(bits, "paper", a) is not None:
+        # Threshold counting uses the exact CDF, whose values stay inside (-1, 1): the top code J is the largest
+        # with J - 1/2 < n*A.
+        return math.ceil(n * a + 0.5) - 1
+    # The float32 CDF formula reaches 2*Phi - 1 = +-1 exactly (|x| beyond about 5.5, and +-inf).
+    return int(np.round(np.float32(n * a)))
+
+
+def activation_levels(method: str, bits: int, levels: str, act_range: float = 2.0, relu: bool = False) -> np.ndarray:
+    """The sorted values (float64) the activation quantizer of ``method`` can output (with its ReLU if ``relu``).
+
+    n = 2^bits - 1, A = act_range.
+    exact: A*(2j/n - 1), j = 0..n; with relu the unsigned grid A*j/n, j = 0..n (2^bits values either way).
+    paper: j/n for |j| <= J, J the top code (J = 2n for A = 2: 4n+1 values); at 1 bit {-1, 0, 1} (the sign;
+    0 only at x exactly 0); with relu the values >= 0 (2n+1 for A = 2; {0, 1} at 1 bit).
+    Raises ValueError for bits=32 (no finite set).
+    """
+    get_quantizers(method)
+    bits, levels, a = check_bits(bits), check_levels(levels), check_act_range(act_range)
+    if bits == 32:
+        raise ValueError("bits=32 is full precision: there is no finite set of levels")
+    n = 2**bits - 1
+    if levels == "exact":
+        j = np.arange(n + 1)
+        return a * j / n if relu else a * (2.0 * j / n - 1.0)
+    if bits == 1:
+        values = np.array([-1.0, 0.0, 1.0])
+    else:
+        top = _paper_activation_max_code(method, bits, a)
+        values = np.arange(-top, top + 1) / n
+    return values[values >= 0] if relu else values
