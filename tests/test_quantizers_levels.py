@@ -57,8 +57,11 @@ def test_weight_levels_brute_force(method, levels, bits):
 @pytest.mark.parametrize("a", [2.0, 1.5, 0.75, 0.5])
 def test_activation_levels_brute_force(method, levels, relu, bits, a):
     got = _distinct([q.get_quantizers(method).activation(X, bits, act_range=a, levels=levels, relu=relu)])
-    bound = 1.0 if (levels == "paper" and bits == 1) else a  # the paper grid's 1-bit sign is +-1 for any A
-    assert np.abs(got).max() <= bound + 1e-6  # nothing beyond the range, even at +-inf
+    # Nothing beyond the range, even at +-inf: A (exact); the paper grid rounds n*A itself, so up to A + 1/(2n),
+    # and its 1-bit sign is +-1 for any A.
+    n = 2**bits - 1
+    bound = a if levels == "exact" else (1.0 if bits == 1 else a + 0.5 / n)
+    assert np.abs(got).max() <= bound + 1e-6
     expected = q.activation_levels(method, bits, levels, act_range=a, relu=relu)
     assert expected.dtype == np.float64 and np.all(np.diff(expected) > 0)
     assert len(got) == len(expected), (got, expected)
