@@ -482,7 +482,7 @@ def uniform_weight(w, bits, *, levels="exact", stop_stats_grad=False, surrogate=
     paper: round(n*w)/n with no clipping (the official baseline). exact: the 2^bits-level grid on [-1, 1],
     2*round(n*(clip(w,-1,1)+1)/2)/n - 1. bits=1 (both): mean|w| * sign(w), the scale held constant.
     ``stop_stats_grad`` is accepted for signature compatibility (only the 1-bit scale is a statistic, and it
-    is always constant). ``surrogate`` as in :func:`alignq_weight`.
+    is always constant). ``surrogate`` as in :func:`alignq_weight`. Returns the shape and dtype of w.
     """
     bits, levels, surrogate = _check_weight_args(w, bits, levels, surrogate)
     if bits == 32:

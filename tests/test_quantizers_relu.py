@@ -126,8 +126,8 @@ def test_alignq_exact_relu_gradient(bits, a):
     scale, shift = np.float32([1.5, 0.5]), np.float32([0.0, 0.0])
     fa = functools.partial(q.alignq_activation_affine, bits=bits, act_range=a, levels="exact", relu=True)
     xa = (h * scale + shift).astype(np.float64)
-    np.testing.assert_allclose(np.asarray(fa(jnp.asarray(h), scale, shift)), _np_unsigned(xa, bits, a)[1].reshape(h.shape),
-                               atol=1e-6)
+    expected_q = _np_unsigned(xa, bits, a)[1].reshape(h.shape)
+    np.testing.assert_allclose(np.asarray(fa(jnp.asarray(h), scale, shift)), expected_q, atol=1e-6)
     gh = np.asarray(jax.grad(lambda t: jnp.sum(fa(t, scale, shift) * g.reshape(h.shape)))(jnp.asarray(h)))
     np.testing.assert_allclose(gh, np.where(xa > 0, 2 * a * _pdf(xa), 0.0) * g.reshape(h.shape) * scale,
                                rtol=1e-5, atol=1e-6)
