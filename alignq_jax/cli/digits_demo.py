@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admm-weight", type=float, default=1.0)
     p.add_argument("--limit-train", type=int, default=None, help="first N training images (quick runs)")
     p.add_argument("--workdir", default="runs/digits", help="output folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are off anyway when the output is not a terminal)")
     return p
 
 
@@ -61,17 +63,17 @@ def run(args, out=print) -> dict:
     from alignq_jax.data.shifts import shifted_test_sets
     from alignq_jax.training import evaluate_datasets, fit
 
-    for name in ("fp_epochs", "epochs", "seeds", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     start = time.perf_counter()
     dataset = load_digits_dataset()
-    if args.limit_train:
+    if args.limit_train is not None:
         dataset = dataset.take(args.limit_train, None)
     test_sets = shifted_test_sets(dataset)
     out(f"data: {dataset}; test sets: {', '.join(test_sets)}")
     runs = []
     histories = {}
+    levels = {}
+    # Progress bars only on a terminal; in a log file one line per epoch instead of bar redraws.
+    progress = not args.no_progress and sys.stderr.isatty()
     for seed in range(args.seeds):
         fp_result = None
         for variant in VARIANTS:
@@ -80,7 +82,11 @@ def run(args, out=print) -> dict:
             if fp_result is not None:
                 init = {"params": fp_result.state.params, "batch_stats": fp_result.state.batch_stats}
             t = time.perf_counter()
-            result = fit(config, dataset, init_variables=init, progress=not args.no_progress)
+            log = None if progress else (lambda line, s=seed, v=variant: out(f"seed {s} {v}: {line}"))
+            result = fit(config, dataset, init_variables=init, progress=progress, log=log)
+            if variant not in levels:
+                levels[variant] = report.level_counts(config.quant) if variant != "fp32" else {
+                    "weight_levels": None, "activation_levels": None}
             if variant == "fp32":
                 fp_result = result
             accs = evaluate_datasets(config, result.state, test_sets)
@@ -95,9 +101,11 @@ def run(args, out=print) -> dict:
             out(f"seed {seed} {variant:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in record["last_epoch"].items()))
 
     summary = summarise(runs, list(test_sets))
-    headers = ["variant"] + [f"{k} (%)" for k in test_sets] + ["best epoch clean (%)"]
+    headers = ["variant", "levels (weights / activations)"] + [f"{k} (%)" for k in test_sets] + [
+        "best epoch clean (%)"]
     rows = [
-        [v] + [f"{100 * summary[v][k][0]:.2f} ± {100 * summary[v][k][1]:.2f}" for k in test_sets]
+        [v, "-" if v == "fp32" else f"{levels[v]['weight_levels']} / {levels[v]['activation_levels']}"]
+        + [f"{100 * summary[v][k][0]:.2f} ± {100 * summary[v][k][1]:.2f}" for k in test_sets]
         + [f"{100 * summary[v]['best_epoch_clean'][0]:.2f}"]
         for v in VARIANTS
     ]
@@ -113,6 +121,7 @@ def run(args, out=print) -> dict:
         "args": vars(args),
         "machine": report.machine_description(),
         "wall_seconds": elapsed,
+        "levels": levels,
         "summary": summary,
         "runs": runs,
         "note": "accuracy of the last epoch, mean ± std over seeds; " + report.BEST_EPOCH_NOTE,
@@ -120,10 +129,10 @@ def run(args, out=print) -> dict:
     report.write_json(workdir / "results.json", results)
     (workdir / "results.md").write_text(
         f"# digits, SmallCNN, {args.bits}-bit ({args.levels} levels), {args.seeds} seeds\n\n{table}\n"
-        f"Last-epoch test accuracy, mean ± std over seeds. {report.BEST_EPOCH_NOTE}\n"
+        f"Last-epoch test accuracy, mean ± std over seeds. {report.ACCURACY_NOTE} {report.BEST_EPOCH_NOTE}\n"
     )
-    plot_summary(workdir / "accuracy.png", summary, list(test_sets), args.bits)
-    report.plot_histories(workdir / "history_seed0.png", histories, f"digits {args.bits}-bit, seed 0")
+    plot_summary(workdir / "accuracy.png", summary, list(test_sets), args)
+    report.save_figure(history_figure(histories, args), workdir / "history_seed0.png")
     out(table)
     out(f"{elapsed:.0f} s; results in {workdir}/results.json, results.md, accuracy.png")
     return results
@@ -144,7 +153,19 @@ def summarise(runs, test_sets) -> dict:
     return summary
 
 
-def plot_summary(path: Path, summary: dict, test_sets, bits: int) -> None:
+def history_figure(histories: dict[str, list[dict]], args):
+    """Seed 0's test accuracy per epoch: FP32 on epochs 1..E_fp, then every QAT variant (each fine-tuned from
+    that FP32 model) on the epochs after it, with the boundary marked."""
+    fp = histories["fp32"]
+    segments = [("fp32", fp, 0)] + [(v, h, len(fp)) for v, h in histories.items() if v != "fp32"]
+    return report.history_figure(
+        segments, f"digits, SmallCNN, seed 0: FP32, then {args.bits}-bit QAT ({args.levels} levels; "
+        f"alignq+admm: ADMM {args.admm_mode})", [(len(fp) + 0.5, "QAT from the FP32 model")],
+        xlabel="epoch (FP32, then quantization-aware fine-tuning)",
+    )
+
+
+def plot_summary(path: Path, summary: dict, test_sets, args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +180,8 @@ def plot_summary(path: Path, summary: dict, test_sets, bits: int) -> None:
         ax.bar(x + (i - (len(VARIANTS) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=variant)
     ax.set_xticks(x, test_sets)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"digits, {bits}-bit: clean and shifted test sets (mean ± std over seeds)")
+    ax.set_title(f"digits, SmallCNN, {args.bits}-bit ({args.levels} levels; alignq+admm: ADMM {args.admm_mode}): "
+                 "clean and shifted test sets, mean ± std over seeds", fontsize=9)
     ax.legend(ncol=len(VARIANTS), fontsize=8, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -168,13 +190,34 @@ def plot_summary(path: Path, summary: dict, test_sets, bits: int) -> None:
     plt.close(fig)
 
 
+def validate_args(args) -> None:
+    for name in ("fp_epochs", "epochs", "seeds", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.lr <= 0 or args.admm_weight <= 0:
+        bad = "--lr" if args.lr <= 0 else "--admm-weight"
+        raise ValueError(f"{bad} must be positive; got {args.lr if bad == '--lr' else args.admm_weight}")
+    if args.limit_train is not None and args.limit_train < 1:
+        raise ValueError(f"--limit-train must be at least 1 (leave it out for all); got {args.limit_train}")
+
+
 def main(argv=None) -> int:
+    """Exit status: 0, 1 runtime error (traceback printed), 2 bad flags (usage), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        run(args)
+        validate_args(args)
     except ValueError as e:
         parser.error(str(e))
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted (the demo keeps no checkpoints: run it again to start over)", file=sys.stderr)
+        return 130
+    except Exception as e:  # a runtime failure is not a usage error: keep the traceback, end with one line
+        traceback.print_exception(e)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

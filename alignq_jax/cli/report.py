@@ -1,4 +1,4 @@
-"""Results files shared by the experiment CLIs: results.json, a Markdown table and accuracy plots."""
+"""Results files shared by the experiment CLIs: results.json, Markdown tables, level counts and accuracy plots."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import numpy as np
 
 BEST_EPOCH_NOTE = (
     "best epoch = the epoch with the highest test accuracy (the paper's protocol: model selection on the test "
     "set, optimistic); last epoch = the honest number."
 )
+ACCURACY_NOTE = (
+    "Accuracies in %; epochs count from 1; levels = distinct values the quantizers output, measured (weights; "
+    "activations after the ReLU that follows the quantizer)."
+)
+# Enough samples that every level of an 8-bit grid is hit many times.
+LEVEL_SAMPLES = 100_001
 
 
 def machine_description() -> str:
@@ -25,6 +32,11 @@ def write_json(path: Path, payload) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str))
 
 
+def percent(fraction: float) -> str:
+    """0.91234 -> '91.23' (accuracies are reported in %, 2 decimals, like the plots)."""
+    return f"{100 * fraction:.2f}"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     def cell(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -34,21 +46,84 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_histories(path: Path, histories: dict[str, list[dict]], title: str) -> None:
-    """Test accuracy per epoch, one line per run."""
+def level_counts(quant, *, samples: int = LEVEL_SAMPLES) -> dict[str, int | None]:
+    """How many distinct values ``quant``'s quantizers output, measured (None for 32 bits).
+
+    Weights: ``quant.quantize_weight`` on ``samples`` standard-normal values (a per-tensor CDF/grid uses all its
+    levels on such a tensor). Activations: ``quant.quantize_activation(x, relu=True)`` on a dense linspace over
+    (-2A, 2A), A = ``act_range``; relu=True because the models put the activation quantizer right before a ReLU,
+    so that is what a stored activation can be.
+
+    Returns: {"weight_levels": int | None, "activation_levels": int | None}.
+    """
+    import jax.numpy as jnp
+
+    counts: dict[str, int | None] = {"weight_levels": None, "activation_levels": None}
+    if quant.w_bits != 32:
+        w = jax.random.normal(jax.random.key(0), (samples,), jnp.float32)
+        counts["weight_levels"] = int(np.unique(np.asarray(quant.quantize_weight(w))).size)
+    if quant.a_bits != 32:
+        x = jnp.linspace(-2 * quant.act_range, 2 * quant.act_range, samples, dtype=jnp.float32)
+        counts["activation_levels"] = int(np.unique(np.asarray(quant.quantize_activation(x, relu=True))).size)
+    return counts
+
+
+def history_figure(segments: Sequence[tuple[str, list[dict], int]], title: str,
+                   boundaries: Sequence[tuple[float, str]] = (), *, xlabel: str = "epoch"):
+    """Test accuracy (%) per epoch: one line per (label, history, epoch offset); a history's epoch e is drawn at
+    x = offset + e (epochs count from 1). ``boundaries``: (x, text) vertical markers (e.g. where QAT starts).
+
+    Returns the matplotlib Figure (the caller saves and closes it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, history in histories.items():
-        ax.plot([r["epoch"] + 1 for r in history], [100 * r["test_accuracy"] for r in history], marker=".", label=label)
-    ax.set_xlabel("epoch")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, history, offset in segments:
+        ax.plot([offset + r["epoch"] for r in history], [100 * r["test_accuracy"] for r in history], marker=".",
+                label=label)
+    for x, text in boundaries:
+        ax.axvline(x, color="0.4", linestyle="--", linewidth=1)
+        ax.annotate(text, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -3), textcoords="offset points",
+                    va="top", fontsize=8, color="0.3")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def stage_chain_segments(stages: Sequence[tuple[str, list[dict]]]):
+    """Stages trained one after the other, drawn back to back: (segments, boundaries) for ``history_figure``.
+
+    Stage k's epochs follow stage k-1's last epoch; a marker at each stage start names the stage.
+    """
+    segments, boundaries, offset = [], [], 0
+    for i, (label, history) in enumerate(stages):
+        segments.append((label, history, offset))
+        if i:
+            boundaries.append((offset + 0.5, f"{label} starts"))
+        offset += len(history)
+    return segments, boundaries
+
+
+def plot_stage_chain(path: Path, stages: Sequence[tuple[str, list[dict]]], title: str, *,
+                     first_is_init: bool = False) -> None:
+    """accuracy.png of a run: its stages back to back on one epoch axis (see ``stage_chain_segments``)."""
+    segments, boundaries = stage_chain_segments(stages)
+    xlabel = "epoch (stages back to back" + (", the first starting from --init-from)" if first_is_init else ")")
+    save_figure(history_figure(segments, title, boundaries, xlabel=xlabel), path)

@@ -17,6 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import socket
+import threading
+import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +41,19 @@ _LOCAL_HINTS = {
     "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz)",
     "svhn_cropped": "the SVHN files train_32x32.mat and test_32x32.mat",
 }
+
+
+# Where each TFDS builder downloads its files from. ``--download`` first checks that this host answers, so an offline
+# machine fails in seconds instead of sitting through minutes of TFDS download retries.
+SOURCE_URLS = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    "mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "svhn_cropped": "http://ufldl.stanford.edu/housenumbers/",
+}
+PROBE_TIMEOUT_S = 10.0
+# Set (to anything but "" or "0") to forbid downloads outright, e.g. in tests.
+NETWORK_OFF_ENV = "TFDS_DISABLE_NETWORK"
 
 
 def how_to_get(name: str, data_dir: str | os.PathLike | None = None) -> str:
@@ -78,6 +96,82 @@ def tfds_is_prepared(name: str, data_dir: str | os.PathLike | None = None) -> bo
     A local check (no network): ``builder.is_prepared()``.
     """
     return bool(tfds_builder(name, data_dir).is_prepared())
+
+
+def check_download_possible(name: str, data_dir: str | os.PathLike | None = None, *,
+                            timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raises ``DataNotFoundError`` at once unless the download host of ``name`` accepts a connection.
+
+    Fails without touching the network when ``$TFDS_DISABLE_NETWORK`` is set (not "" or "0"). Otherwise opens
+    one TCP connection to the host of ``SOURCE_URLS[name]`` (name lookup included) and gives up after ``timeout``
+    seconds.
+    """
+    key = canonical_name(name)
+    url = SOURCE_URLS[key]
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if os.environ.get(NETWORK_OFF_ENV, "") not in ("", "0"):
+        reason = f"the network is switched off (${NETWORK_OFF_ENV} is set)"
+    else:
+        outcome: dict[str, Any] = {}
+
+        def probe():
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                outcome["ok"] = True
+            except OSError as exc:  # name lookup or connection failed
+                outcome["error"] = exc
+
+        # A thread, because a name lookup with an unreachable DNS server ignores the socket timeout.
+        thread = threading.Thread(target=probe, daemon=True, name=f"probe {host}")
+        thread.start()
+        thread.join(timeout)
+        if outcome.get("ok"):
+            return
+        reason = f"{host}:{port} cannot be reached ({outcome.get('error') or f'no answer within {timeout:g} s'})"
+    raise DataNotFoundError(
+        f"{key}: --download needs the internet, but {reason}; nothing was downloaded.\n{how_to_get(key, data_dir)}"
+    )
+
+
+def _listing(path: Path) -> set[str] | None:
+    return set(os.listdir(path)) if path.is_dir() else None
+
+
+def _remove_new_entries(before: dict[Path, set[str] | None]) -> None:
+    """Deletes what appeared since ``before`` = {folder: its entries, or None if it did not exist}."""
+    for folder, entries in sorted(before.items(), key=lambda kv: len(kv[0].parts), reverse=True):
+        if not folder.exists():
+            continue
+        if entries is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        for entry in _listing(folder) - entries:
+            target = folder / entry
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+
+
+def download_and_prepare(builder: Any, name: str, data_dir: str | os.PathLike | None = None) -> None:
+    """``builder.download_and_prepare(file_format="array_record")`` after a connectivity check; on any failure
+    (interruption included) removes the folders and files it created (partial downloads, incomplete versions)
+    and leaves what was there before untouched."""
+    check_download_possible(name, data_dir)
+    root = Path(builder.data_dir_root)
+    watched = [root, root / "downloads", root / "downloads" / "extracted", root / canonical_name(name)]
+    before = {folder: _listing(folder) for folder in watched}
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except BaseException as exc:
+        _remove_new_entries(before)
+        if isinstance(exc, Exception):
+            raise DataNotFoundError(
+                f"{canonical_name(name)}: downloading into {root} failed ({type(exc).__name__}: {exc}); the partial "
+                f"download was removed.\n{how_to_get(name, data_dir)}"
+            ) from exc
+        raise
 
 
 def _read_split(source: Any, spec: DatasetSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -123,16 +217,17 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None, *, download:
       name: ``cifar10``, ``svhn_cropped``, ``mnist`` or ``fashion_mnist`` (aliases such as ``svhn`` work).
       data_dir: TFDS data dir (the one holding ``<name>/<version>/``); ``None``: TFDS defaults
         (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-      download: if the data is not prepared, run ``download_and_prepare(file_format="array_record")``
-        (needs internet). Default False: fail at once instead.
+      download: if the data is not prepared, download and prepare it as array_record (needs internet; checks
+        first that the download host answers, and removes a partial download on failure). Default False: fail
+        at once instead.
 
     Returns:
       ``ArrayDataset`` with uint8 (N, H, W, C) images, int32 labels, and the data set's mean/std/augment.
 
     Raises:
       DataNotFoundError: the data is not prepared under ``data_dir`` (raised after a local check, in well
-        under a second; the message says how to get it), or it is prepared only as TFRecord and TensorFlow
-        is not installed.
+        under a second; the message says how to get it), the download is impossible or failed, or the data is
+        prepared only as TFRecord and TensorFlow is not installed.
     """
     spec = get_spec(name)
     builder = tfds_builder(spec.name, data_dir)
@@ -143,7 +238,7 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None, *, download:
                 f"was downloaded.\n{how_to_get(spec.name, data_dir)}"
             )
         logger.info("downloading and preparing %s into %s", spec.name, builder.data_dir_root)
-        builder.download_and_prepare(file_format="array_record")
+        download_and_prepare(builder, spec.name, data_dir)
     formats = _random_access_formats(builder)
     if formats:
         sources = {
