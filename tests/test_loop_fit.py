@@ -1,7 +1,10 @@
 """fit and its workdir: fresh runs keep nothing stale, every save is checked, resumes log each step once, the ADMM
 state can be carried into the next run, epochs count from 1, and no progress-bar redraws when not on a terminal."""
 
+import dataclasses
+import io
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +129,7 @@ def test_admm_state_is_carried_by_init_variables(tmp_path):
         {"params": loaded["params"], "batch_stats": loaded["batch_stats"]}, batch["image"], train=True,
         mutable=["batch_stats", GAP_COLLECTION],
     )
-    expected = cfg.make_admm().update(gaps[GAP_COLLECTION], loaded["admm_state"])
+    expected = cfg.make_admm().update(gaps[GAP_COLLECTION], first.state.admm_state)
     assert _max_diff(second.state.admm_state, expected) < 1e-5
     fresh = fit(cfg, ds, init_variables={k: loaded[k] for k in ("params", "batch_stats")}, progress=False)
     assert _max_diff(fresh.state.admm_state, expected) > 1e-3
@@ -134,3 +137,24 @@ def test_admm_state_is_carried_by_init_variables(tmp_path):
     wrong = jax.tree.map(lambda x: x[:8, :8], loaded["admm_state"])  # as from a run with batch size 8
     with pytest.raises(ValueError, match=r"admm_state .* has shape \(8, 8\) but this run needs \(16, 16\)"):
         fit(cfg, ds, init_variables={**loaded, "admm_state": wrong}, progress=False)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.slow
+def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
+    """Default progress=None: a log file or pipe gets the per-epoch log lines and no bar redraws."""
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    ds = _tiny_dataset()
+    cfg = _config(epochs=2)
+    lines = []
+    fit(cfg, ds, log=lines.append)  # under pytest stderr is captured: not a terminal
+    assert capsys.readouterr().err == ""
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    fit(dataclasses.replace(cfg, epochs=1), ds)
+    assert "epoch 1/1" in terminal.getvalue() and "\r" in terminal.getvalue()  # tqdm drew its bar

@@ -5,8 +5,10 @@ same shapes, so one jitted train/eval step serves the whole epoch. Training batc
 all real (mask all True); evaluation batches (``drop_last=False``) pad the last one with zero images, label 0
 and ``mask=False`` so accuracy can be computed as ``sum(correct * mask) / sum(mask)``.
 
-Randomness is a pure function of ``(seed, epoch)`` (shuffle order) and ``(seed, epoch, shard, batch index)``
-(augmentation), so results do not depend on prefetching or on the order batches are consumed.
+Randomness is a pure function of ``(seed, epoch)`` (shuffle order) and ``(seed, epoch, batch index)``
+(augmentation), so results do not depend on prefetching or on the order batches are consumed. Training data
+sharded over processes is split inside every global batch: the shards of batch b, concatenated in shard order,
+are exactly the one-process batch b (same examples, same augmentation).
 
 Reference: alignq-reference.md section 8 (batch sizes, augmentation, evaluation on the full test set).
 """
@@ -20,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from alignq_jax.data.augment import augment_batch, normalize
+from alignq_jax.data.augment import augment_batch, crop_flip, normalize
 from alignq_jax.data.specs import AUGMENTATIONS
 
 Batch = dict[str, np.ndarray]
@@ -35,14 +37,14 @@ def _check_nonneg_int(value: Any, what: str, minimum: int = 0) -> int:
 def num_batches(num_examples: int, batch_size: int, *, drop_last: bool, num_shards: int = 1) -> int:
     """Number of batches ``iterate_batches`` yields per shard (the same on every shard).
 
-    ``drop_last``: floor((num_examples // num_shards) / batch_size); otherwise
-    ceil(ceil(num_examples / num_shards) / batch_size).
+    ``drop_last``: num_examples // (num_shards * batch_size), the whole global batches (equal to
+    floor((num_examples // num_shards) / batch_size)); otherwise ceil(ceil(num_examples / num_shards) / batch_size).
     """
     num_examples = _check_nonneg_int(num_examples, "num_examples")
     batch_size = _check_nonneg_int(batch_size, "batch_size", 1)
     num_shards = _check_nonneg_int(num_shards, "num_shards", 1)
     if drop_last:
-        return (num_examples // num_shards) // batch_size
+        return num_examples // (num_shards * batch_size)
     return math.ceil(math.ceil(num_examples / num_shards) / batch_size)
 
 
@@ -55,13 +57,19 @@ def epoch_indices(
     drop_last: bool = True,
     num_shards: int = 1,
     shard_index: int = 0,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Example indices one shard visits in one epoch, in order.
 
     The permutation is ``np.random.default_rng([seed, epoch, 0]).permutation(num_examples)`` (identity when
-    not shuffling), shared by all shards; shard ``s`` takes every ``num_shards``-th entry starting at ``s``.
-    With ``drop_last`` every shard keeps exactly ``num_examples // num_shards`` indices (shards are disjoint,
-    at most ``num_shards - 1`` examples are left out per epoch; which ones changes with the epoch).
+    not shuffling), shared by all shards.
+
+    With ``drop_last`` and ``batch_size`` (training: ``batch_size`` rows per shard and batch), the permutation
+    is cut into global batches of ``num_shards * batch_size`` entries (only whole ones) and shard ``s`` takes
+    block ``s`` of each: the shards of a global batch, concatenated in shard order, are the one-shard batch of
+    ``num_shards * batch_size`` rows. Otherwise shard ``s`` takes every ``num_shards``-th entry starting at
+    ``s``; with ``drop_last`` every shard keeps exactly ``num_examples // num_shards`` of them. Shards are
+    disjoint either way.
 
     Returns:
       (M,) int64 indices.
@@ -74,6 +82,11 @@ def epoch_indices(
     if shard_index >= num_shards:
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     order = np.random.default_rng([seed, epoch, 0]).permutation(n) if shuffle else np.arange(n)
+    if drop_last and batch_size is not None:
+        batch_size = _check_nonneg_int(batch_size, "batch_size", 1)
+        group = num_shards * batch_size
+        blocks = order[: n // group * group].reshape(-1, num_shards, batch_size)
+        return blocks[:, shard_index].reshape(-1)
     mine = order[shard_index::num_shards]
     if drop_last:
         mine = mine[: n // num_shards]
@@ -93,6 +106,8 @@ def _batch_generator(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
     normalise: bool,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ) -> Iterator[Batch]:
     for b in range(steps):
         idx = indices[b * batch_size : (b + 1) * batch_size]
@@ -103,10 +118,32 @@ def _batch_generator(
             x = np.concatenate([x, np.zeros((batch_size - valid,) + x.shape[1:], x.dtype)])
             y = np.concatenate([y, np.zeros(batch_size - valid, np.int32)])
         if augment != "none":
-            x = augment_batch(x, np.random.default_rng([*rng_key, b]), augment, pad=pad)
+            rng = np.random.default_rng([*rng_key, b])
+            if num_shards == 1:
+                x = augment_batch(x, rng, augment, pad=pad)
+            else:
+                x = _augment_shard(x, rng, augment, pad, num_shards, shard_index)
         if normalise:
             x = normalize(x, mean, std)
         yield {"image": x, "label": y, "mask": np.arange(batch_size) < valid}
+
+
+def _augment_shard(x, rng, augment: str, pad: int, num_shards: int, shard_index: int) -> np.ndarray:
+    """This shard's rows of ``augment_batch`` applied to the global batch of ``num_shards * len(x)`` rows.
+
+    Draws the global batch's crop offsets and flips exactly as ``random_crop_flip`` does (the data tests check
+    that the shards put together equal the one-shard batch) and crops only this shard's rows.
+    """
+    rows, total = len(x), num_shards * len(x)
+    if augment == "flip":
+        pad = 0
+        oy = ox = np.zeros(total, np.intp)
+    else:
+        oy = rng.integers(0, 2 * pad + 1, size=total)
+        ox = rng.integers(0, 2 * pad + 1, size=total)
+    flip = rng.random(total) < 0.5
+    mine = slice(shard_index * rows, (shard_index + 1) * rows)
+    return crop_flip(x, oy[mine], ox[mine], flip[mine], pad=pad)
 
 
 def iterate_batches(
@@ -144,8 +181,10 @@ def iterate_batches(
       drop_last: True for training (only full batches; raises if there is not even one); False for evaluation
         (the last batch is zero-padded and flagged in ``mask``).
       prefetch: size of the background-thread queue (0: produce batches in the calling thread).
-      num_shards, shard_index: data-parallel hosts; each yields ``num_batches(...)`` batches of disjoint
-        examples (see ``epoch_indices``).
+      num_shards, shard_index: data-parallel processes; each yields ``num_batches(...)`` batches of disjoint
+        examples (see ``epoch_indices``). For training (``drop_last``) ``batch_size`` is the shard's part of a
+        global batch of ``num_shards * batch_size`` rows, and the shards of batch b put together in shard order
+        are the one-shard batch b of that size, augmentation included.
 
     Returns:
       An iterator of ``{"image": (B, H, W, C) float32 (stored dtype if not normalise), "label": (B,) int32,
@@ -174,11 +213,12 @@ def iterate_batches(
         drop_last=drop_last,
         num_shards=num_shards,
         shard_index=shard_index,
+        batch_size=batch_size if drop_last else None,
     )
     steps = num_batches(images.shape[0], batch_size, drop_last=drop_last, num_shards=num_shards)
     if drop_last and steps == 0:
         raise ValueError(
-            f"drop_last=True with batch_size={batch_size} leaves no batch: only {indices.shape[0]} examples "
+            f"drop_last=True with batch_size={batch_size} leaves no batch: only {images.shape[0] // num_shards} examples "
             f"per shard ({images.shape[0]} in total over {num_shards} shard(s)); lower the batch size"
         )
     gen = _batch_generator(
@@ -187,12 +227,15 @@ def iterate_batches(
         indices,
         batch_size,
         steps,
-        rng_key=(int(seed), int(epoch), 1, int(shard_index)),
+        # Shard 0's key for every shard: augmentation is drawn for the global batch (see _augment_shard).
+        rng_key=(int(seed), int(epoch), 1, 0),
         augment=augment,
         pad=pad,
         mean=mean,
         std=std,
         normalise=normalise,
+        num_shards=num_shards if drop_last else 1,
+        shard_index=shard_index,
     )
     return prefetch_in_thread(gen, prefetch) if prefetch > 0 else gen
 

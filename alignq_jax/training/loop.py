@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ import numpy as np
 from alignq_jax.admm import ADMMState
 from alignq_jax.data import ArrayDataset
 from alignq_jax.training.state import TrainConfig, TrainState, create_train_state
-from alignq_jax.training.steps import Steps, canonical_state, make_steps
+from alignq_jax.training.steps import Steps, canonical_state, make_steps, process_batch_size
 
 
 @dataclasses.dataclass
@@ -47,14 +48,33 @@ class FitResult:
 
 
 def evaluate(steps: Steps, placed_state, dataset, batch_size: int) -> dict:
-    """Test-split accuracy and mean cross-entropy (padded last batch masked out)."""
+    """Test-split accuracy and mean cross-entropy over all processes.
+
+    ``batch_size``: the global evaluation batch; any value works on any number of devices: each process reads
+    ``steps.eval_batch_size(batch_size)`` rows per batch (its share, rounded up to a multiple of its device
+    count), and rows that are padding are masked out, so the sums equal a one-device evaluation's.
+    """
     totals = {"correct": 0.0, "loss_sum": 0.0, "count": 0.0}
-    for batch in dataset.test_batches(batch_size, **_shard_kwargs()):
-        sums = steps.evaluate(placed_state, steps.place_batch(batch))
+    for batch in dataset.test_batches(steps.eval_batch_size(batch_size), **_shard_kwargs()):
+        sums = steps.evaluate(placed_state, steps.place_batch(_pad_rows(batch, steps.local_devices)))
         for k in totals:
             totals[k] += float(sums[k])
     count = max(totals["count"], 1.0)
     return {"test_accuracy": totals["correct"] / count, "test_loss": totals["loss_sum"] / count}
+
+
+def _pad_rows(batch: dict, multiple: int) -> dict:
+    """Pads a masked evaluation batch with zero rows (mask False) up to a multiple of ``multiple`` rows."""
+    rows = len(batch["label"])
+    extra = -rows % multiple
+    if not extra:
+        return batch
+    mask = np.concatenate([np.asarray(batch["mask"], bool), np.zeros(extra, bool)])
+    padded = {
+        k: np.concatenate([v, np.zeros((extra,) + np.shape(v)[1:], np.asarray(v).dtype)])
+        for k, v in batch.items() if k != "mask"
+    }
+    return {**padded, "mask": mask}
 
 
 def evaluate_datasets(config: TrainConfig, state: TrainState, datasets: dict) -> dict[str, dict]:
@@ -72,6 +92,17 @@ def evaluate_datasets(config: TrainConfig, state: TrainState, datasets: dict) ->
 def _shard_kwargs():
     # Multi-host: every process reads its own part of each global batch.
     return {"num_shards": jax.process_count(), "shard_index": jax.process_index()}
+
+
+def process_train_batches(config: TrainConfig, dataset, epoch_index: int):
+    """This process's part of every global training batch of one epoch (``epoch_index`` counts from 0).
+
+    Each of the ``jax.process_count()`` processes reads ``config.batch_size // process_count`` rows, disjoint
+    from the other processes' rows, so a step trains on a global batch of ``config.batch_size`` and an epoch
+    has ``dataset.steps_per_epoch(config.batch_size)`` steps whatever the number of processes.
+    """
+    rows = process_batch_size(config.batch_size, jax.process_count())
+    return dataset.train_batches(rows, seed=config.seed, epoch=epoch_index, **_shard_kwargs())
 
 
 def _checkpoint_manager(workdir: Path):
@@ -157,29 +188,32 @@ def _as_admm_state(tree) -> ADMMState:
 
 
 def initial_admm_state(template: ADMMState, given) -> ADMMState:
-    """``given`` (e.g. the previous stage's final ADMM state) checked against and cast like ``template``.
+    """``given`` (e.g. the previous stage's final ADMM state) checked against and laid out like ``template``.
 
     Both in the canonical layout: per-device states (devices, B, B), one global state (B, B), B the correlation
-    batch. Raises ValueError naming the first layer whose shape differs.
+    batch. Leaves are matched by their paths (a checkpoint restored without a template holds lists where the
+    state has tuples) and cast to the template's dtype. Raises ValueError naming the first leaf whose shape
+    differs.
     """
     given = _as_admm_state(given)
-    if jax.tree.structure(template) != jax.tree.structure(given):
+    expected, got = _layer_names(template), _layer_names(given)
+    if expected != got:
         raise ValueError(
             "init admm_state does not have this model's correlation layers: was it trained with another model? "
-            f"expected layers {_layer_names(template.z)}, got {_layer_names(given.z)}"
+            f"expected {expected}, got {got}"
         )
 
-    def check(path, t, g):
+    def check(name, t, g):
         if tuple(t.shape) != tuple(np.shape(g)):
             raise ValueError(
-                f"init admm_state {jax.tree_util.keystr(path)} has shape {tuple(np.shape(g))} but this run needs "
-                f"{tuple(t.shape)}: the ADMM state is (devices, B, B) with per-device correlations or (B, B) global, "
-                "B the correlation batch; use the same batch_size, number of devices and global_correlation as the "
-                "run it comes from"
+                f"init admm_state {name} has shape {tuple(np.shape(g))} but this run needs {tuple(t.shape)}: the "
+                "ADMM state is (devices, B, B) with per-device correlations or (B, B) global, B the correlation "
+                "batch; use the same batch_size, number of devices and global_correlation as the run it comes from"
             )
         return jnp.asarray(g, t.dtype)
 
-    return jax.tree_util.tree_map_with_path(check, template, given)
+    leaves = [check(n, t, g) for n, t, g in zip(expected, jax.tree.leaves(template), jax.tree.leaves(given))]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
 def _layer_names(tree) -> list[str]:
@@ -230,7 +264,7 @@ def fit(
     workdir: str | os.PathLike | None = None,
     init_variables: dict | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     stop_after_epochs: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
@@ -241,7 +275,7 @@ def fit(
 
     Args:
       workdir: if given: ``metrics.jsonl`` (one line per epoch), ``steps.jsonl`` (every step), Orbax checkpoints
-        after every epoch, ``config.json``. Without ``resume`` any checkpoints and logs already there are deleted
+        after every epoch, ``config.json`` (with several processes, process 0 writes the logs). Without ``resume`` any checkpoints and logs already there are deleted
         first: a fresh run never keeps or loads another run's checkpoints.
       init_variables: {"params", "batch_stats"} to start from (e.g. the FP32 run), optionally with "admm_state"
         (canonical layout, as ``FitResult.state.admm_state`` or ``load_variables``) as the initial ADMM state,
@@ -251,10 +285,13 @@ def fit(
         (seed, epoch), so an interrupted and resumed run equals an uninterrupted one). ``metrics.jsonl`` and
         ``steps.jsonl`` are cut back to what that checkpoint covers, so every step is logged once. Without any
         checkpoint in ``workdir`` the run starts from epoch 1 (with emptied logs).
+      progress: a progress bar per epoch on stderr; None (default): only when stderr is a terminal or in a
+        notebook, so logs written to a file or pipe get no bar redraws (use ``log`` for one line per epoch).
       stop_after_epochs: stop early after this many epochs of this call (simulates an interruption; the
         schedule still follows ``config.epochs``).
       log: called with one line per epoch (e.g. ``print``); None is silent.
     """
+    progress = _show_progress() if progress is None else bool(progress)
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
     steps = make_steps(config, dataset.num_classes, steps_per_epoch)
     state = create_train_state(
@@ -268,27 +305,36 @@ def fit(
     manager = None
     history: list[dict] = []
     epochs_done = 0
+    primary = jax.process_index() == 0  # with several processes one writes the logs (Orbax coordinates its own)
     if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            _clear_run(workdir)
+        if primary:
+            workdir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                _clear_run(workdir)
+        _barrier("alignq_jax.fit: workdir ready")
         manager = _checkpoint_manager(workdir)
         if resume:
             if manager.latest_step() is not None:
                 state, meta = restore_checkpoint(manager, state)
                 history, epochs_done = meta["history"], meta["epochs_done"]
-            _truncate_logs(workdir, history, int(state.step))
-        (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+            if primary:
+                _truncate_logs(workdir, history, int(state.step))
+        if primary:
+            (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    log_dir = workdir if primary else None
 
     try:
         placed = steps.place_state(state)
         end = config.epochs if stop_after_epochs is None else min(config.epochs, epochs_done + stop_after_epochs)
         for epoch in range(epochs_done + 1, end + 1):
-            placed, record = _run_epoch(config, dataset, steps, placed, epoch, steps_per_epoch, workdir, progress)
+            placed, record = _run_epoch(
+                config, dataset, steps, placed, epoch, steps_per_epoch, log_dir, progress and primary
+            )
             history.append(record)
             if workdir is not None:
-                with open(workdir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if log_dir is not None:
+                    with open(log_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 save_checkpoint(manager, epoch, steps.host_state(placed), {"epochs_done": epoch, "history": history})
             if log is not None:
                 log(
@@ -305,6 +351,18 @@ def fit(
     return FitResult(history, history[-1], best, steps.host_state(placed), config)
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _show_progress() -> bool:
+    """Progress bars by default only where they redraw in place: a terminal, or a notebook (tqdm's widget)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
 def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, workdir, progress):
     """Epoch ``epoch`` (1-based) of training, then evaluation. Returns (placed state, history record)."""
     from tqdm.auto import tqdm
@@ -313,7 +371,7 @@ def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, wo
     n = 0
     start = time.perf_counter()
     # The data order is a function of (seed, epoch - 1): epoch indices of the data pipeline count from 0.
-    batches = dataset.train_batches(config.batch_size, seed=config.seed, epoch=epoch - 1, **_shard_kwargs())
+    batches = process_train_batches(config, dataset, epoch - 1)
     bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
     step_log = open(workdir / "steps.jsonl", "a") if workdir is not None else None
 
@@ -343,6 +401,10 @@ def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, wo
         bar.close()
         if step_log is not None:
             step_log.close()
+    if n != steps_per_epoch:
+        # The LR schedule counts steps_per_epoch steps per epoch; with several processes a different count
+        # would also leave the processes' collectives unmatched.
+        raise ValueError(f"epoch {epoch} yielded {n} training batches but steps_per_epoch is {steps_per_epoch}")
     train_seconds = time.perf_counter() - start
     record = {
         "epoch": epoch,
@@ -360,8 +422,10 @@ class BatchStreams:
 
     Attributes:
       train: ``train(epoch) -> iterable`` of {"image": (B, H, W, C) float32 (already normalised), "label": (B,)
-        int} with exactly ``batch_size`` rows each; called once per epoch.
-      test: ``test() -> iterable`` of such batches, each with a boolean "mask" (False marks padding rows).
+        int} with exactly ``batch_size`` rows each (with several processes: this process's
+        ``batch_size // jax.process_count()`` rows of each global batch); called once per epoch (from 0).
+      test: ``test() -> iterable`` of batches of any size (this process's share of the test set), optionally
+        with a boolean "mask" (False marks padding rows).
       steps_per_epoch_: number of training batches ``train(epoch)`` yields.
       image_shape: (H, W, C). num_classes: number of classes.
     """
@@ -376,8 +440,7 @@ class BatchStreams:
         return self.steps_per_epoch_
 
     def train_batches(self, batch_size, *, seed=0, epoch=0, num_shards=1, shard_index=0):
-        if num_shards != 1:
-            raise ValueError("BatchStreams feeds one process; shard your iterator per host yourself")
+        # Sharding over processes is the user's iterator's job (see ``train``); ``batch_size`` is per process.
         for batch in self.train(epoch):
             if len(batch["label"]) != batch_size:
                 raise ValueError(f"train batches must have exactly batch_size={batch_size} rows; got {len(batch['label'])}")

@@ -104,9 +104,14 @@ class Steps:
     """Compiled step functions plus how to lay state and batches out on the devices.
 
     ``train(state, batch)`` and ``evaluate(state, batch)`` take a state from ``place_state`` and batches from
-    ``place_batch`` (host numpy, global batch). States travel in a canonical layout (no device axis, except a
-    leading one on the ADMM leaves when every device keeps its own ADMM state): ``canonical_state`` makes it from
-    a fresh state, ``place_state`` puts it on the devices, ``host_state`` brings it back (checkpoints).
+    ``place_batch``: host numpy arrays holding this process's rows of the global batch (all of it with one
+    process; ``batch_size // process_count`` rows each with several). States travel in a canonical layout (no
+    device axis, except a leading one of size ``num_devices`` on the ADMM leaves when every device keeps its own
+    ADMM state): ``canonical_state`` makes it from a fresh state, ``place_state`` puts it on the devices,
+    ``host_state`` brings it back (checkpoints), the same on every process.
+
+    ``num_devices`` counts the devices of all processes, ``local_devices`` those of this process (the rows of a
+    host batch are split over these); ``process_count`` is the number of processes feeding data.
     """
 
     mode: str
@@ -119,6 +124,29 @@ class Steps:
     mesh: Mesh | None = None
     per_device_admm: bool = False
     gap_batch: int = 0  # batch size of the correlation gaps: per device, or global (one device / all-gather)
+    local_devices: int = 1
+    process_count: int = 1
+
+    def process_batch_size(self, global_batch_size: int) -> int:
+        """Rows of a global training batch that this process feeds (``global_batch_size // process_count``)."""
+        return process_batch_size(global_batch_size, self.process_count)
+
+    def eval_batch_size(self, requested: int) -> int:
+        """Rows per process of an evaluation batch: ``requested`` split over the processes, rounded up to a
+        multiple of the local device count. Evaluation batches are padded and masked, so any ``requested``
+        works on any number of devices and gives the same sums."""
+        per_process = -(-requested // self.process_count)
+        return -(-per_process // self.local_devices) * self.local_devices
+
+
+def process_batch_size(global_batch_size: int, process_count: int) -> int:
+    """``global_batch_size // process_count``: the rows of every global batch one process feeds."""
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"batch_size={global_batch_size} must be divisible by the number of processes ({process_count}): "
+            "every process feeds batch_size // process_count rows of each global batch"
+        )
+    return global_batch_size // process_count
 
 
 def resolve_parallel(config: TrainConfig) -> tuple[str, list]:
@@ -130,11 +158,29 @@ def resolve_parallel(config: TrainConfig) -> tuple[str, list]:
     mode = config.parallel
     if mode == "auto":
         mode = "shard_map" if len(devices) > 1 else "none"
+    if mode == "none" and jax.process_count() > 1:
+        raise ValueError(
+            f"parallel='none' runs on one device of one process; with {jax.process_count()} processes use "
+            "'shard_map', 'pmap' or 'auto'"
+        )
     if mode == "none" and len(devices) > 1 and config.num_devices not in (None, 1):
         raise ValueError("parallel='none' runs on one device; use num_devices=1 or shard_map/pmap")
     if mode == "none":
         devices = devices[:1]
     return mode, devices
+
+
+def _local_positions(devices) -> list[int]:
+    """Positions in ``devices`` of this process's devices (every process must own the same number)."""
+    counts = {}
+    for d in devices:
+        counts[d.process_index] = counts.get(d.process_index, 0) + 1
+    if len(counts) != jax.process_count() or len(set(counts.values())) != 1:
+        raise ValueError(
+            f"every one of the {jax.process_count()} processes must own the same number of the devices used; "
+            f"devices per process: {dict(sorted(counts.items()))} (leave num_devices unset on several processes)"
+        )
+    return [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
 
 
 def per_device_admm(config: TrainConfig, mode: str) -> bool:
@@ -146,9 +192,12 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
     """Builds the jitted train/eval steps for ``config.parallel`` over ``config.num_devices`` devices."""
     mode, devices = resolve_parallel(config)
     n = len(devices)
-    for name, size in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
-        if size % n:
-            raise ValueError(f"{name}={size} must be divisible by the number of devices ({n})")
+    if config.batch_size % n:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of devices ({n})")
+    processes = jax.process_count()
+    process_batch_size(config.batch_size, processes)  # raises unless divisible
+    local = _local_positions(devices)
+    n_local = len(local)
     tx = make_optimizer(config, steps_per_epoch)
     admm = config.make_admm() if config.admm else None
     axis = None if mode == "none" else DATA_AXIS
@@ -164,18 +213,21 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
         put = lambda tree: jax.device_put(tree, device)  # noqa: E731
         return Steps(
             mode, 1, jax.jit(local_train, donate_argnums=0), jax.jit(local_eval), put, put, jax.device_get,
-            gap_batch=config.batch_size,
+            gap_batch=config.batch_size, local_devices=1, process_count=1,
         )
 
     split_admm = per_device_admm(config, mode)
     gap_batch = config.batch_size if config.global_correlation else config.batch_size // n
 
     if mode == "pmap":
+        # pmap maps the leading axis of its inputs over this process's devices among ``devices``.
         def place_state(state):
-            return _broadcast_shared(state, n, split_admm)  # pmap shards the leading axis over its devices
+            if split_admm:  # this process's devices' entries of the canonical (num_devices, ...) states
+                state = state.replace(admm_state=jax.tree.map(lambda x: jnp.asarray(x)[np.array(local)], state.admm_state))
+            return _broadcast_shared(state, n_local, split_admm)
 
         def place_batch(batch):
-            return jax.tree.map(lambda x: np.reshape(x, (n, x.shape[0] // n) + x.shape[1:]), batch)
+            return jax.tree.map(lambda x: _split_rows(x, n_local), batch)
 
         train = jax.pmap(local_train, axis_name=DATA_AXIS, devices=devices, donate_argnums=0)
         evaluate = jax.pmap(local_eval, axis_name=DATA_AXIS, devices=devices)
@@ -191,9 +243,14 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
             state = jax.device_get(state)
             plain = jax.tree.map(lambda x: x[0], state.replace(admm_state=None))
             admm_state = state.admm_state if split_admm else jax.tree.map(lambda x: x[0], state.admm_state)
+            if split_admm and processes > 1:
+                admm_state = jax.tree.map(lambda x: _gather_per_device(x, devices), admm_state)
             return plain.replace(admm_state=admm_state)
 
-        return Steps(mode, n, train_fn, eval_fn, place_state, place_batch, host_state, None, split_admm, gap_batch)
+        return Steps(
+            mode, n, train_fn, eval_fn, place_state, place_batch, host_state, None, split_admm, gap_batch, n_local,
+            processes,
+        )
 
     # shard_map over a 1-D Mesh: the default data-parallel path. check_vma=False gives pmap's semantics (no
     # implicit psum of gradients of replicated parameters), so the same explicit pmean serves both forms.
@@ -236,12 +293,40 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
 
     def host_state(state):
-        return jax.device_get(state)  # the global view is already the canonical layout
+        return jax.tree.map(_fetch_global, state)  # the global view is already the canonical layout
 
     return Steps(
         mode, n, jax.jit(sharded_train, donate_argnums=0), jax.jit(sharded_eval), place_state, place_batch,
-        host_state, mesh, split_admm, gap_batch,
+        host_state, mesh, split_admm, gap_batch, n_local, processes,
     )
+
+
+def _split_rows(x, parts: int):
+    """(B, ...) host rows -> (parts, B // parts, ...) for pmap over ``parts`` local devices."""
+    if x.shape[0] % parts:
+        raise ValueError(f"a batch of {x.shape[0]} rows does not split over {parts} local devices")
+    return np.reshape(x, (parts, x.shape[0] // parts) + x.shape[1:])
+
+
+def _gather_per_device(local_values, devices):
+    """pmap, several processes: this process's (local, ...) per-device values -> the (len(devices), ...) array
+    ordered like ``devices`` (every process contributes its own devices' entries)."""
+    from jax.experimental import multihost_utils
+
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(local_values)))  # (processes, local, ...)
+    out = np.empty((len(devices),) + gathered.shape[2:], gathered.dtype)
+    for p in range(gathered.shape[0]):
+        out[[i for i, d in enumerate(devices) if d.process_index == p]] = gathered[p]
+    return out
+
+
+def _fetch_global(x):
+    """A global array as one host value on every process (device_get cannot fetch other processes' shards)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            x = jax.jit(lambda a: a, out_shardings=NamedSharding(x.sharding.mesh, P()))(x)
+        x = x.addressable_data(0)
+    return jax.device_get(x)
 
 
 def _broadcast_shared(state: TrainState, n: int, split_admm: bool) -> TrainState:
