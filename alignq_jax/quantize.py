@@ -1,14 +1,15 @@
 """Flax integration: ``QuantConfig`` and quantized layers for Linen (primary) and NNX.
 
 Import as ``from alignq_jax import quantize``. The modules hold no math: they call the pure functions of
-``alignq_jax.quantizers`` and ``alignq_jax.correlation`` (see design.md, layer 3).
+``alignq_jax.quantizers`` and ``alignq_jax.correlation`` (see docs/design.md).
 
 Linen
   * :class:`QuantConv`, :class:`QuantDense`: ``nn.Conv`` / ``nn.Dense`` with the same constructor arguments plus
     ``config``; the kernel is quantized on every forward (the stored parameter stays full precision).
   * :class:`QuantActivation`: the activation quantizer; when ``config.correlation`` is on and the collection
-    ``GAP_COLLECTION`` is mutable, it records its B x B correlation gap there, so a train step collects every
-    layer's gap as one pytree with ``mutable=["batch_stats", GAP_COLLECTION]``.
+    ``GAP_COLLECTION`` is mutable, it records its B x B correlation gap there (a tuple, one gap per call), so a
+    train step collects every layer's gaps as one pytree with ``mutable=["batch_stats", GAP_COLLECTION]``;
+    :func:`gap_shapes` gives that pytree's shapes for ``ADMM.init`` (``init`` records no gaps).
   * :func:`intercept_convs` / :func:`quantized_apply`: quantize the convs of an existing Linen model without
     editing its source (Flax method interception).
 
@@ -224,29 +225,43 @@ class QuantDense(nn.Dense):
         super().__post_init__()
 
 
-def _record_gap(module: nn.Module, x, axis_name: str | None, compute: Callable[[Any], Any]) -> None:
-    """Sows the B x B gap ``compute(key)`` of the batch x into ``GAP_COLLECTION`` if the layer records gaps.
+def _record_gap(module: nn.Module, compute: Callable[[Any], Any]) -> None:
+    """Appends the B x B gap ``compute(key)`` to the layer's tuple "gap" in ``GAP_COLLECTION`` if it records gaps.
 
-    During ``init`` a zero matrix of the gap's shape and dtype is recorded instead: initialisation only needs the
-    shapes (they size the ADMM state), and a batch of one sample, which has no batch correlation, must init too.
+    A tuple with one gap per call (Flax's ``sow``), so a layer called on several batches in one ``apply`` (source
+    and target domains) keeps every gap. ``init`` records none, as Flax's init does not return intermediates:
+    initialisation works with any batch (one sample has no batch correlation), and the variables it returns can
+    be passed to ``apply`` without gaps from init accumulating there. :func:`gap_shapes` gives the gaps' shapes.
     """
     config = module.config
     if not (config.records_correlation and module.is_mutable_collection(GAP_COLLECTION)):
         return
     if module.is_initializing():
-        b = x.shape[0] * (jax.lax.psum(1, axis_name) if axis_name is not None else 1)
-        gap = jnp.zeros((b, b), _correlation.gap_dtype(x.dtype))
-    else:
-        gap = compute(module.make_rng(CORRELATION_RNG) if config.correlation_features else None)
-    module.sow(GAP_COLLECTION, "gap", gap, init_fn=lambda: None, reduce_fn=lambda _, new: new)
+        return
+    module.sow(GAP_COLLECTION, "gap", compute(module.make_rng(CORRELATION_RNG) if config.correlation_features else None))
+
+
+def gap_shapes(model: nn.Module, variables, *args, rngs=None, **kwargs):
+    """The gaps ``model.apply(variables, *args, **kwargs)`` records, as a pytree of ``jax.ShapeDtypeStruct``
+    (nothing is computed): what :meth:`alignq_jax.admm.ADMM.init` needs to size its state.
+
+    Every collection is mutable in that abstract call; ``rngs`` may add streams the model needs (a "correlation"
+    key is provided). Example: ``admm.init(gap_shapes(model, variables, x, train=True))``.
+    """
+    rngs = {CORRELATION_RNG: jax.random.key(0), **(rngs or {})}
+
+    def run(variables):
+        return model.apply(variables, *args, mutable=True, rngs=rngs, **kwargs)[1].get(GAP_COLLECTION, {})
+
+    return jax.eval_shape(run, variables)
 
 
 class QuantActivation(nn.Module):
     """Activation quantizer (place after BatchNorm, before ReLU; reference section 7).
 
-    Records the B x B correlation gap into ``GAP_COLLECTION`` under the name "gap" when ``config.correlation``
-    is on, a_bits < 32 and that collection is mutable (so evaluation does not pay for it). ``init`` records a
-    zero matrix of that shape instead (it only sizes the ADMM state), so a model initialises with any batch.
+    Records the B x B correlation gap into ``GAP_COLLECTION`` when ``config.correlation`` is on, a_bits < 32 and
+    that collection is mutable (so evaluation does not pay for it): under the name "gap", a tuple with one gap per
+    call in this ``apply``. ``init`` records none (so a model initialises with any batch; see :func:`gap_shapes`).
 
     ``relu``: also apply the ReLU that follows (fused; the correlation gap still uses the pre-ReLU values).
     ``axis_name``: inside ``shard_map``/``pmap``, all-gather the batch over this device axis first, so the gap is
@@ -260,7 +275,7 @@ class QuantActivation(nn.Module):
     @nn.compact
     def __call__(self, x):
         q = self.config.quantize_activation(x, relu=self.relu)
-        _record_gap(self, x, self.axis_name, lambda key: self.config.correlation_gap(x, key, self.axis_name))
+        _record_gap(self, lambda key: self.config.correlation_gap(x, key, self.axis_name))
         return q
 
 
@@ -280,7 +295,7 @@ class QuantBatchNorm(nn.Module):
       axis_name: device axis over which batch statistics are averaged (data parallel).
       correlation_axis_name: all-gather the batch over this axis for the correlation gap (global correlation).
 
-    The gap is recorded as by :class:`QuantActivation` (a zero placeholder of its shape during ``init``).
+    The gap is recorded as by :class:`QuantActivation` (a tuple with one gap per call; none during ``init``).
     """
 
     config: QuantConfig = QuantConfig()
@@ -321,10 +336,7 @@ class QuantBatchNorm(nn.Module):
         # only its result is cast back (a bf16 model quantizes exactly as float32 would, then casts).
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         shift = bias - mean * mul
-        _record_gap(
-            self, h, self.correlation_axis_name,
-            lambda key: self.config.correlation_gap_affine(h, mul, shift, key, self.correlation_axis_name),
-        )
+        _record_gap(self, lambda key: self.config.correlation_gap_affine(h, mul, shift, key, self.correlation_axis_name))
         return self.config.quantize_activation_affine(h, mul, shift, relu=self.relu).astype(h.dtype)
 
 
@@ -378,7 +390,8 @@ def quantized_apply(model: nn.Module, config: QuantConfig, *, include_dense: boo
 
 
 class CorrelationGap(nnx.Variable):
-    """Holds the last B x B correlation gap of an :class:`NNXQuantActivation`."""
+    """Holds the B x B correlation gap of the last call of an :class:`NNXQuantActivation` (read it after each call
+    when a layer sees several batches per step)."""
 
 
 class NNXQuantConv(nnx.Conv):

@@ -14,7 +14,7 @@ import pytest
 
 from alignq_jax import quantizers
 from alignq_jax.models import get_model
-from alignq_jax.quantize import GAP_COLLECTION, QuantBatchNorm, QuantConfig, QuantConv
+from alignq_jax.quantize import GAP_COLLECTION, QuantBatchNorm, QuantConfig, QuantConv, gap_shapes
 
 CFG = QuantConfig(4, 4, correlation=True)
 
@@ -169,8 +169,9 @@ def test_small_cnn_quantizer_placement():
 @pytest.mark.parametrize("name, gaps, n_params", [("resnet20", 21, 272_474), ("resnet56", 57, 855_770)])
 def test_resnet_sizes_and_gap_count(name, gaps, n_params):
     model = get_model(name, config=CFG)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=True))
-    assert len(jax.tree.leaves(shapes[GAP_COLLECTION])) == gaps  # stem + 2 per block + 2 shortcuts
+    x = jnp.zeros((2, 32, 32, 3))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=True))
+    assert len(jax.tree.leaves(gap_shapes(model, shapes, x, train=True))) == gaps  # stem, 2 per block, 2 shortcuts
     count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes["params"]))
     assert abs(count - n_params) / n_params < 0.01  # the usual CIFAR ResNet sizes (0.27M, 0.86M)
     flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]

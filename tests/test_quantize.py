@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from alignq_jax import ADMM, quantize, quantizers
+from alignq_jax import ADMM, ADMMState, quantize, quantizers
 from alignq_jax.correlation import correlation_gap
 
 CFG = quantize.QuantConfig(w_bits=4, a_bits=4, correlation=True)
@@ -175,14 +175,14 @@ def test_activation_records_gap_only_when_collection_mutable(tiny):
     logits, updates = model.apply(variables, X, mutable=["batch_stats", quantize.GAP_COLLECTION])
     gaps = updates[quantize.GAP_COLLECTION]
     assert set(gaps) == {"QuantActivation_0", "QuantActivation_1"}
-    assert all(g["gap"].shape == (4, 4) for g in gaps.values())
+    assert all(len(g["gap"]) == 1 and g["gap"][0].shape == (4, 4) for g in gaps.values())  # one call each
     # Recomputed independently from the BatchNorm output of the first block.
     conv = quantize.QuantConv(8, (3, 3), config=CFG).apply({"params": variables["params"]["QuantConv_0"]}, X)
     mean, var = conv.mean((0, 1, 2)), conv.var((0, 1, 2))
     bn = variables["params"]["BatchNorm_0"]
     h = (conv - mean) / jnp.sqrt(var + 1e-5) * bn["scale"] + bn["bias"]
     ref = correlation_gap(h, quantizers.cdf_align_activation(h, 2.0))
-    np.testing.assert_allclose(gaps["QuantActivation_0"]["gap"], ref, atol=1e-5)
+    np.testing.assert_allclose(gaps["QuantActivation_0"]["gap"][0], ref, atol=1e-5)
     _, updates_eval = model.apply(variables, X, train=False, mutable=["batch_stats"])
     assert quantize.GAP_COLLECTION not in updates_eval
 
@@ -233,7 +233,7 @@ def test_linen_and_nnx_identical(tiny):
     out_n = act_n(X)
     np.testing.assert_array_equal(out_n, out_l)
     gap_state = nnx.state(act_n, quantize.CorrelationGap)
-    np.testing.assert_allclose(gap_state["gap"].get_value(), upd[quantize.GAP_COLLECTION]["gap"], atol=1e-6)
+    np.testing.assert_allclose(gap_state["gap"].get_value(), upd[quantize.GAP_COLLECTION]["gap"][0], atol=1e-6)
 
 
 class _PlainNet(nn.Module):
@@ -389,7 +389,7 @@ def test_quant_batchnorm_equals_batchnorm_then_quantizer(a_bits, relu):
     out_p, upd_p = plain.apply(vp, h, mutable=cols)
     np.testing.assert_allclose(out_f, out_p, atol=1e-5)
     if a_bits < 32:
-        np.testing.assert_allclose(upd_f[quantize.GAP_COLLECTION]["gap"], upd_p[quantize.GAP_COLLECTION]["act"]["gap"],
+        np.testing.assert_allclose(upd_f[quantize.GAP_COLLECTION]["gap"][0], upd_p[quantize.GAP_COLLECTION]["act"]["gap"][0],
                                    atol=1e-5)
     up = jax.random.normal(jax.random.key(17), h.shape)
     gf = jax.grad(lambda p, h: jnp.sum(fused.apply({**v, "params": p}, h, use_running_average=False,
@@ -527,8 +527,8 @@ def test_quant_batchnorm_bfloat16_equals_float32_then_cast(bits, relu):
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("layer", ["activation", "batchnorm", "resnet20"])
 def test_init_works_with_a_batch_of_one(layer, train):
-    """init only needs the gaps' shapes (they size the ADMM state): it records zero B x B gaps and works with a
-    batch of one, which has no batch correlation (it used to raise "needs a batch of at least 2")."""
+    """init records no gaps (as Flax's init returns no intermediates), so it works with a batch of one, which has
+    no batch correlation (it used to raise "needs a batch of at least 2"); gap_shapes sizes the ADMM state."""
     from alignq_jax.models import get_model
 
     cfg = quantize.QuantConfig(4, 4, correlation=True, correlation_features=8)
@@ -538,20 +538,52 @@ def test_init_works_with_a_batch_of_one(layer, train):
         model, kwargs, n_gaps = quantize.QuantBatchNorm(cfg), {"use_running_average": not train}, 1
     else:
         model, kwargs, n_gaps = get_model("resnet20", config=cfg), {"train": train}, 21
-    for b in (1, 3):
-        x = jax.random.normal(jax.random.key(50), (b, 8, 8, 3))
-        v = model.init(jax.random.key(51), x, **kwargs)  # no 'correlation' RNG stream needed either
-        gaps = jax.tree.leaves(v[quantize.GAP_COLLECTION])
-        assert len(gaps) == n_gaps
-        assert all(g.shape == (b, b) and g.dtype == jnp.float32 and not np.any(g) for g in gaps)
-        state = ADMM().init(v[quantize.GAP_COLLECTION])
-        assert all(z.shape == (b, b) for z in jax.tree.leaves(state.z))
+    x1 = jax.random.normal(jax.random.key(50), (1, 8, 8, 3))
+    v = model.init(jax.random.key(51), x1, **kwargs)  # no 'correlation' RNG stream needed either
+    assert quantize.GAP_COLLECTION not in v
+    x = jax.random.normal(jax.random.key(52), (3, 8, 8, 3))
+    shapes = quantize.gap_shapes(model, v, x, **kwargs)
+    assert len(jax.tree.leaves(shapes)) == n_gaps
+    assert all(g.shape == (3, 3) and g.dtype == jnp.float32 for g in jax.tree.leaves(shapes))
+    state = ADMM().init(shapes)
     # Recording a gap outside init still needs two samples, and says so.
-    x1 = jax.random.normal(jax.random.key(52), (1, 8, 8, 3))
+    cols = [quantize.GAP_COLLECTION, "batch_stats"]
     with pytest.raises(ValueError, match="at least 2"):
-        model.apply(v, x1, mutable=[quantize.GAP_COLLECTION, "batch_stats"], rngs={"correlation": jax.random.key(0)},
-                    **kwargs)
-    # ... and a gap recorded by apply is the real one, not the init placeholder.
-    _, upd = model.apply(v, x, mutable=[quantize.GAP_COLLECTION, "batch_stats"],
-                         rngs={"correlation": jax.random.key(0)}, **kwargs)
-    assert all(np.any(g) for g in jax.tree.leaves(upd[quantize.GAP_COLLECTION]))
+        model.apply(v, x1, mutable=cols, rngs={"correlation": jax.random.key(0)}, **kwargs)
+    # The variables from init go straight into apply: one gap per call, the pytree ADMM was sized for.
+    _, upd = model.apply(v, x, mutable=cols, rngs={"correlation": jax.random.key(0)}, **kwargs)
+    gaps = upd[quantize.GAP_COLLECTION]
+    assert jax.tree.structure(gaps) == jax.tree.structure(state.z)
+    assert all(np.any(g) for g in jax.tree.leaves(gaps))
+    assert np.isfinite(float(ADMM().penalty(gaps, state)))
+
+
+def test_layer_called_twice_keeps_both_gaps():
+    """A layer applied to two batches in one apply (source and target domains) records both gaps, each equal to
+    that call's own gap, and the ADMM penalty sums over both."""
+    cfg = quantize.QuantConfig(4, 4, correlation=True)
+
+    class TwoDomains(nn.Module):
+        @nn.compact
+        def __call__(self, xs, xt):
+            act = quantize.QuantActivation(cfg, name="act")
+            return act(xs), act(xt)
+
+    xs = jax.random.normal(jax.random.key(53), (4, 3, 3, 2))
+    xt = jax.random.normal(jax.random.key(54), (4, 3, 3, 2)) * 2 + 0.5
+    model = TwoDomains()
+    v = model.init(jax.random.key(55), xs, xt)
+    _, upd = model.apply(v, xs, xt, mutable=[quantize.GAP_COLLECTION])
+    gs, gt = upd[quantize.GAP_COLLECTION]["act"]["gap"]
+    np.testing.assert_allclose(gs, correlation_gap(xs, quantizers.cdf_align_activation(xs)), atol=1e-6)
+    np.testing.assert_allclose(gt, correlation_gap(xt, quantizers.cdf_align_activation(xt)), atol=1e-6)
+    assert np.abs(np.asarray(gs) - np.asarray(gt)).max() > 1e-3
+    admm = ADMM()
+    state = admm.init(quantize.gap_shapes(model, v, xs, xt))
+    state = ADMMState(z=jax.tree.map(lambda z: z + 0.01, state.z), gamma=jax.tree.map(lambda g: g - 0.02, state.gamma))
+    gaps = upd[quantize.GAP_COLLECTION]
+    one = lambda d: admm.penalty(d, ADMMState(state.z["act"]["gap"][0], state.gamma["act"]["gap"][0]))  # noqa: E731
+    np.testing.assert_allclose(admm.penalty(gaps, state), one(gs) + one(gt), rtol=1e-6)
+    new = admm.update(gaps, state)
+    np.testing.assert_allclose(new.gamma["act"]["gap"][1], admm.update(gt, ADMMState(state.z["act"]["gap"][1],
+                                                                                      state.gamma["act"]["gap"][1])).gamma)

@@ -12,7 +12,7 @@ import optax
 
 from alignq_jax.admm import ADMM, MODES as ADMM_MODES
 from alignq_jax.models import MODELS, get_model
-from alignq_jax.quantize import CORRELATION_RNG, GAP_COLLECTION, QuantConfig
+from alignq_jax.quantize import CORRELATION_RNG, QuantConfig, gap_shapes
 
 PARALLEL_MODES = ("auto", "none", "shard_map", "pmap")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -166,7 +166,7 @@ def create_train_state(
     tx = make_optimizer(config, steps_per_epoch)
     admm_state = None
     if config.admm:
-        gaps = variables[GAP_COLLECTION]
+        gaps = gap_shapes(model, variables, dummy, train=True)  # init records no gaps; shapes only
         admm_state = config.make_admm().init(gaps, key=admm_key, dim=gap_batch)
     return TrainState(
         params=params,
