@@ -116,20 +116,30 @@ def _crop_flip_reference(images, oy, ox, flip, pad):
     return out
 
 
-# ------------------------------------------------------------------------------------------------ specs
+# ------------------------------------------------------------------------------------------------ normalisation
 
 
-def test_specs_match_reference_section_8():
-    cifar = data.get_spec("cifar10")
-    assert cifar.image_shape == (32, 32, 3) and cifar.num_classes == 10
-    assert cifar.mean == CIFAR_MEAN and cifar.std == CIFAR_STD
-    assert cifar.augment == "crop_flip" and cifar.pad == 4
-    svhn = data.get_spec("svhn")
-    assert svhn.name == "svhn_cropped" and svhn.mean == (0.5,) * 3 and svhn.std == (0.5,) * 3
-    assert svhn.augment == "none" and svhn.train_split == "train"
-    for name in ("mnist", "fashion_mnist", "Fashion-MNIST"):
-        spec = data.get_spec(name)
-        assert spec.image_shape == (28, 28, 1) and spec.mean == (0.5,) and spec.augment == "none"
+def test_loaders_normalise_pixels_like_torchvision(tmp_path):
+    """The batches training sees: (x / 255 - mean) / std per channel, with torchvision's published CIFAR-10
+    constants and MNIST's 0.5 / 0.5, applied to the pixels written to the data files (RGB order kept)."""
+    rng = np.random.default_rng(11)
+    _, _, xt, yt = _write_cifar_batches(tmp_path / "cifar" / "cifar-10-batches-py", rng, 4, 10)
+    cifar = load_dataset("cifar10", tmp_path / "cifar")
+    (batch,) = list(cifar.test_batches(10))
+    expected = (xt.astype(np.float64) / 255.0 - np.array([0.4914, 0.4822, 0.4465])) / np.array([0.2023, 0.1994, 0.2010])
+    np.testing.assert_allclose(batch["image"], expected, atol=2e-6)
+    np.testing.assert_array_equal(batch["label"], yt)
+    # Training batches (augmentation off) use the same normalisation on the shuffled rows.
+    (train,) = list(cifar.train_batches(20, seed=0, epoch=0, augment=False))
+    order = epoch_indices(20, shuffle=True, seed=0, epoch=0)
+    raw = cifar.train_images[order].astype(np.float64)
+    np.testing.assert_allclose(train["image"], (raw / 255.0 - np.array(CIFAR_MEAN)) / np.array(CIFAR_STD), atol=2e-6)
+
+    arrays = _write_idx_set(tmp_path / "mnist", rng)
+    mnist = load_dataset("mnist", tmp_path / "mnist")
+    (batch,) = list(mnist.test_batches(7))
+    expected = (arrays["t10k-images-idx3-ubyte"][..., None] / 255.0 - 0.5) / 0.5
+    np.testing.assert_allclose(batch["image"], expected, atol=2e-6)
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'.*cifar10"):
         data.get_spec("imagenet")
 
@@ -271,6 +281,25 @@ def test_sharded_epochs_are_disjoint_and_equal_length():
     all_train = np.concatenate(train)
     assert len(set(all_train.tolist())) == len(all_train) == shards * (n // shards // bs) * bs
     assert sorted(np.concatenate(test).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("augment", ["none", "flip", "crop_flip"])
+def test_training_shards_put_together_are_the_one_shard_batch(augment):
+    """Several processes: shard s of global batch b is block s of the one-process batch b, augmentation included
+    (so a multi-process run trains on the batches of a one-process run)."""
+    rng = np.random.default_rng(12)
+    n, bs, shards = 50, 4, 3
+    x, y = _images(rng, n, 6, 6, 2), rng.integers(0, 10, n)
+    kw = dict(shuffle=True, seed=2, epoch=1, augment=augment, pad=2, normalise=False)
+    whole = list(iterate_batches(x, y, shards * bs, **kw))
+    parts = [list(iterate_batches(x, y, bs, num_shards=shards, shard_index=s, **kw)) for s in range(shards)]
+    assert all(len(p) == len(whole) == num_batches(n, bs, drop_last=True, num_shards=shards) == 4 for p in parts)
+    for b, batch in enumerate(whole):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.concatenate([p[b][key] for p in parts]), batch[key])
+    if augment != "none":  # the augmentation really changed the images
+        plain = next(iter(iterate_batches(x, y, shards * bs, **{**kw, "augment": "none"})))
+        assert not np.array_equal(whole[0]["image"], plain["image"])
 
 
 def test_batching_rejects_bad_arguments():

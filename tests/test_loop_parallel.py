@@ -125,8 +125,9 @@ def test_pmap_splits_host_rows_over_local_devices(monkeypatch):
     assert placed["image"].shape == (4, 2, 8, 8, 1)
     np.testing.assert_array_equal(placed["label"], np.arange(8).reshape(4, 2))
     canonical = canonical_state(steps, state)
-    canonical = canonical.replace(admm_state=jax.tree.map(
-        lambda x: np.arange(8, dtype=np.float32).reshape(8, *[1] * (x.ndim - 1)) * np.ones_like(x), canonical.admm_state))
+    # Entry d of every per-device ADMM leaf holds the value d.
+    numbered = jax.tree.map(lambda x: np.arange(8.0).reshape(8, 1, 1) * np.ones_like(x), canonical.admm_state)
+    canonical = canonical.replace(admm_state=numbered)
     local = steps.place_state(canonical)
     for leaf in jax.tree.leaves(local.admm_state):
         np.testing.assert_array_equal(np.asarray(leaf)[:, 0, 0], [4, 5, 6, 7])  # devices 4..7 are process 1's

@@ -218,8 +218,8 @@ def iterate_batches(
     steps = num_batches(images.shape[0], batch_size, drop_last=drop_last, num_shards=num_shards)
     if drop_last and steps == 0:
         raise ValueError(
-            f"drop_last=True with batch_size={batch_size} leaves no batch: only {images.shape[0] // num_shards} examples "
-            f"per shard ({images.shape[0]} in total over {num_shards} shard(s)); lower the batch size"
+            f"drop_last=True with batch_size={batch_size} leaves no batch: only {images.shape[0] // num_shards} "
+            f"examples per shard ({images.shape[0]} in total over {num_shards} shard(s)); lower the batch size"
         )
     gen = _batch_generator(
         images,

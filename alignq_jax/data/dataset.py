@@ -169,7 +169,9 @@ class ArrayDataset:
         return int(self.test_images.shape[0])
 
     def steps_per_epoch(self, batch_size: int, *, num_shards: int = 1) -> int:
-        """Training batches per epoch and shard (``drop_last``)."""
+        """Training batches per epoch and shard (``drop_last``), ``batch_size`` rows per shard: the whole global
+        batches of ``num_shards * batch_size`` rows. ``steps_per_epoch(B)`` equals
+        ``steps_per_epoch(B // P, num_shards=P)`` for any P dividing B."""
         return num_batches(self.num_train, batch_size, drop_last=True, num_shards=num_shards)
 
     def eval_steps(self, batch_size: int, *, num_shards: int = 1) -> int:
@@ -191,7 +193,9 @@ class ArrayDataset:
         """One shuffled, augmented training epoch of full batches (``iterate_batches``, drop_last=True).
 
         Yields ``{"image": (B, H, W, C) float32, "label": (B,) int32, "mask": (B,) bool (all True)}``;
-        deterministic in ``(seed, epoch)``. ``augment=False`` switches the data set's augmentation off.
+        deterministic in ``(seed, epoch)``. ``augment=False`` switches the data set's augmentation off. With
+        ``num_shards`` processes, B = ``batch_size`` is one process's rows: the shards of batch b put together in
+        shard order are the one-shard batch b of ``num_shards * batch_size`` rows (see ``epoch_indices``).
         """
         return iterate_batches(
             self.train_images, self.train_labels, batch_size, shuffle=True, seed=seed, epoch=epoch,

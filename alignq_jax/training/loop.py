@@ -275,8 +275,8 @@ def fit(
 
     Args:
       workdir: if given: ``metrics.jsonl`` (one line per epoch), ``steps.jsonl`` (every step), Orbax checkpoints
-        after every epoch, ``config.json`` (with several processes, process 0 writes the logs). Without ``resume`` any checkpoints and logs already there are deleted
-        first: a fresh run never keeps or loads another run's checkpoints.
+        after every epoch, ``config.json`` (with several processes, process 0 writes the logs). Without
+        ``resume`` any checkpoints and logs already there are deleted first: a fresh run never keeps or loads another run's checkpoints.
       init_variables: {"params", "batch_stats"} to start from (e.g. the FP32 run), optionally with "admm_state"
         (canonical layout, as ``FitResult.state.admm_state`` or ``load_variables``) as the initial ADMM state,
         e.g. the previous stage of the progressive chain; its shapes must match this run's (same batch size,

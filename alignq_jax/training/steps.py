@@ -223,7 +223,8 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
         # pmap maps the leading axis of its inputs over this process's devices among ``devices``.
         def place_state(state):
             if split_admm:  # this process's devices' entries of the canonical (num_devices, ...) states
-                state = state.replace(admm_state=jax.tree.map(lambda x: jnp.asarray(x)[np.array(local)], state.admm_state))
+                take = np.array(local)
+                state = state.replace(admm_state=jax.tree.map(lambda x: jnp.asarray(x)[take], state.admm_state))
             return _broadcast_shared(state, n_local, split_admm)
 
         def place_batch(batch):
