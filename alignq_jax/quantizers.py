@@ -636,8 +636,9 @@ def activation_levels(method: str, bits: int, levels: str, act_range: float = 2.
 
     n = 2^bits - 1, A = act_range.
     exact: A*(2j/n - 1), j = 0..n; with relu the unsigned grid A*j/n, j = 0..n (2^bits values either way).
-    paper: j/n for |j| <= J, J the top code (J = 2n for A = 2: 4n+1 values); at 1 bit {-1, 0, 1} (the sign;
-    0 only at x exactly 0); with relu the values >= 0 (2n+1 for A = 2; {0, 1} at 1 bit).
+    paper: j/n for |j| <= J, J the top code (J = 2n for A = 2: 4n+1 values); at 1 bit {-1, 0, 1} (the sign of
+    2*Phi(x) - 1: 0 only where float32 Phi(x) is exactly 1/2, |x| below about 1e-7); with relu the values >= 0
+    (2n+1 for A = 2; {0, 1} at 1 bit).
     Raises ValueError for bits=32 (no finite set).
     """
     get_quantizers(method)
