@@ -16,18 +16,16 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from alignq_jax.correlation import correlation_gap  # noqa: E402
-from alignq_jax.data import load_dataset  # noqa: E402
-from alignq_jax.data.shifts import shifted_test_sets  # noqa: E402
-from alignq_jax.quantize import QuantConfig  # noqa: E402
-from alignq_jax.quantizers import cdf_align_activation  # noqa: E402
-from alignq_jax.training import TrainConfig, evaluate_datasets, fit  # noqa: E402
+from alignq_jax.correlation import correlation_gap
+from alignq_jax.data import load_dataset
+from alignq_jax.data.shifts import shifted_test_sets
+from alignq_jax.quantize import QuantConfig
+from alignq_jax.quantizers import cdf_align_activation
+from alignq_jax.training import TrainConfig, evaluate_datasets, fit
 
 
 def gap_estimate_error(dataset, features, batch=128, trials=20) -> dict:

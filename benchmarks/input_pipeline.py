@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from alignq_jax.data import ArrayDataset, get_spec  # noqa: E402
+from alignq_jax.data import ArrayDataset, get_spec
 
 
 def main(argv=None) -> int:

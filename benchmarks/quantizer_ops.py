@@ -17,13 +17,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from alignq_jax import quantizers as q  # noqa: E402
-from alignq_jax.correlation import correlation_gap, sample_features  # noqa: E402
+from alignq_jax import quantizers as q
+from alignq_jax.correlation import correlation_gap, sample_features
 
 
 def _time(fn, *args, repeats):

@@ -18,14 +18,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from alignq_jax.cli.classification import DEFAULT_CORRELATION_FEATURES  # noqa: E402
-from alignq_jax.quantize import QuantConfig  # noqa: E402
-from alignq_jax.training import TrainConfig, canonical_state, create_train_state, make_steps  # noqa: E402
+from alignq_jax.cli.classification import DEFAULT_CORRELATION_FEATURES
+from alignq_jax.quantize import QuantConfig
+from alignq_jax.training import TrainConfig, canonical_state, create_train_state, make_steps
 
 IMAGE_SHAPES = {"resnet20": (32, 32, 3), "resnet56": (32, 32, 3), "small_cnn": (28, 28, 1)}
 

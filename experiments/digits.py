@@ -2,12 +2,9 @@
 clean and shifted test sets, several seeds. `python experiments/digits.py --bits 4` (about 2 minutes on 2 CPU cores).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from alignq_jax.cli.digits_demo import main  # noqa: E402
+from alignq_jax.cli.digits_demo import main
 
 if __name__ == "__main__":
     sys.exit(main())
