@@ -211,6 +211,12 @@ def test_interrupts_wait_while_a_checkpoint_is_written():
     assert namespace["seen"][0] == "write finished"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
+    # An interrupt still waiting when the block ends (the write was the last thing in it) is raised there.
+    with pytest.raises(KeyboardInterrupt):
+        with cli.interrupts_outside(retry_s=30):
+            namespace["write"]()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
 
 @pytest.mark.parametrize("flags, named", [
     (["--lr", "-1"], "--lr must be positive; got -1.0"),

@@ -1,6 +1,6 @@
 """``load_dataset``: one entry point that picks local files, TFDS, or the offline digits.
 
-Reference: alignq-reference.md section 8 (data sets and recipes of the experiments).
+Specification: docs/method.md §8 (data sets and recipes of the experiments).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def find_local_files(name: str, data_dir: str | os.PathLike) -> str | None:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False) -> ArrayDataset:
-    """Loads ``name`` into an ``ArrayDataset`` with the recipe of reference section 8.
+    """Loads ``name`` into an ``ArrayDataset`` with the recipe of docs/method.md §8.
 
     Order: ``digits`` comes from scikit-learn; otherwise, if ``data_dir`` holds the data set's original files
     (CIFAR-10 python batches, MNIST/Fashion-MNIST IDX files, SVHN .mat files) they are read; otherwise the

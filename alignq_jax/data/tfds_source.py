@@ -10,7 +10,7 @@ files, no TensorFlow) into uint8 numpy arrays; CIFAR-10 is about 180 MB in memor
 Data prepared by ``tfds.load`` in the default TFRecord format cannot be read without TensorFlow; if
 TensorFlow is importable it is used for that case, otherwise the error says how to convert the data.
 
-Reference: alignq-reference.md section 8 (splits and recipes: SVHN uses ``train`` only, not ``extra``).
+Specification: docs/method.md §8 (splits and recipes: SVHN uses ``train`` only, not ``extra``).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def _read_with_tensorflow(builder: Any, spec: DatasetSpec) -> tuple[np.ndarray, 
 
 
 def load_tfds(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = False) -> ArrayDataset:
-    """Loads a prepared TFDS data set into memory without TensorFlow (recipe of reference section 8).
+    """Loads a prepared TFDS data set into memory without TensorFlow (recipe of docs/method.md §8).
 
     Args:
       name: ``cifar10``, ``svhn_cropped``, ``mnist`` or ``fashion_mnist`` (aliases such as ``svhn`` work).
