@@ -61,8 +61,9 @@ class RunError(Exception):
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
-        # A default of None means "resolved later" (the help text says how); "(default: None)" would mislead.
-        return action.help if action.default is None else super()._get_help_string(action)
+        # None means "resolved later" (the help text says how) and False is an off switch: "(default: None)" or
+        # "(default: False)" would only add noise.
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
@@ -106,8 +107,8 @@ def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
                    help="folder with local files (cifar-10-batches-py, IDX files) or a TFDS data dir")
     p.add_argument("--download", action="store_true", help="let TFDS download the data (needs internet)")
     p.add_argument("--workdir", default=None,
-                   help="output folder (default: runs/<dataset>-<model>-<method>-w<bits>-<levels>-<admm>, e.g. "
-                        "runs/cifar10-resnet20-alignq-w4-exact-admm)")
+                   help="output folder (default: runs/<dataset>-<model>-<method>-w<bits>-<levels>-<admm|noadmm>"
+                        "[-progressive][-bf16], e.g. runs/cifar10-resnet20-alignq-w4-exact-admm)")
     p.add_argument("--init-from", default=None,
                    help="start from a trained model instead of training FP32: the workdir of a finished run (its "
                         "last stage), one of its stage folders, or a checkpoints folder")
@@ -675,8 +676,8 @@ def results_table(records: list[dict]) -> str:
         return f"{r.get('weight_levels')} / {r.get('activation_levels')}"
 
     rows = [
-        (r["stage"], r["method"], "-" if r["bits"] == 32 else r["levels"], levels(r), r["admm_mode"] if r["admm"] else "off",
-         report.percent(r["last_epoch_test_accuracy"]), report.percent(r["best_epoch_test_accuracy"]),
+        (r["stage"], r["method"], "-" if r["bits"] == 32 else r["levels"], levels(r),
+         r["admm_mode"] if r["admm"] else "off", report.percent(r["last_epoch_test_accuracy"]), report.percent(r["best_epoch_test_accuracy"]),
          r["best_epoch"], r["epochs"])
         for r in records
     ]

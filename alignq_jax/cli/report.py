@@ -24,7 +24,8 @@ LEVEL_SAMPLES = 100_001
 
 def machine_description() -> str:
     devices = jax.devices()
-    return f"{platform.machine()} {platform.system()}, {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    return (f"{platform.machine()} {platform.system()}, {len(devices)} x {devices[0].device_kind} "
+            f"({jax.default_backend()}), jax {jax.__version__}")
 
 
 def write_json(path: Path, payload) -> None:
