@@ -193,6 +193,18 @@ def test_ctrl_c_prints_the_resume_command(tmp_path, data_dir, monkeypatch, capsy
     assert "nothing to resume" in capsys.readouterr().err
 
 
+def test_resume_command_repeats_how_the_script_was_started(tmp_path, monkeypatch):
+    assert cli.resume_command(Path("runs/a b"), "experiments/cifar10.py", []) == \
+        "python experiments/cifar10.py --resume --workdir 'runs/a b'"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "alignq-cifar10").write_text("#!/bin/sh\n")
+    (bin_dir / "alignq-cifar10").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert cli.resume_command(Path("w"), str(bin_dir / "alignq-cifar10"), ["--no-progress"]) == \
+        "alignq-cifar10 --resume --workdir w --no-progress"
+
+
 def test_interrupts_wait_while_a_checkpoint_is_written():
     import signal
     import time

@@ -538,9 +538,16 @@ class Session:
 
 
 def resume_command(workdir: Path, argv0: str, extra: list[str]) -> str:
-    """The command line that continues the run in ``workdir``."""
-    script = argv0 if argv0.endswith(".py") else "experiments/cifar10.py"
-    return shlex.join(["python", script, "--resume", "--workdir", str(workdir), *extra])
+    """The command line that continues the run in ``workdir``: the script as it was started (``argv0``: a .py
+    file, or an installed command such as alignq-cifar10), else experiments/cifar10.py."""
+    name = os.path.basename(argv0)
+    if argv0.endswith(".py"):
+        head = ["python", argv0]
+    elif name and shutil.which(name):
+        head = [name]
+    else:
+        head = ["python", "experiments/cifar10.py"]
+    return shlex.join([*head, "--resume", "--workdir", str(workdir), *extra])
 
 
 def _write(path: Path, text: str) -> None:
