@@ -1,4 +1,4 @@
-"""Tests for alignq_jax.data (design.md layer 5; reference section 8 recipes). No network, no TensorFlow."""
+"""Tests for alignq_jax.data (docs/method.md §8 recipes). No network, no TensorFlow."""
 
 from __future__ import annotations
 

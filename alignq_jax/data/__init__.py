@@ -1,6 +1,6 @@
-"""Data layer (design.md layer 5): in-memory data sets, fixed-shape numpy batches, the paper's recipes.
+"""Data layer (docs/design.md): in-memory data sets, fixed-shape numpy batches, the paper's recipes.
 
-Reference: alignq-reference.md section 8. Every loader returns an ``ArrayDataset``; its ``train_batches`` /
+Reference: docs/method.md §8. Every loader returns an ``ArrayDataset``; its ``train_batches`` /
 ``test_batches`` yield ``{"image": (B, H, W, C) float32, "label": (B,) int32, "mask": (B,) bool}``.
 
     from alignq_jax.data import load_dataset

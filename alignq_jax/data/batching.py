@@ -10,7 +10,7 @@ Randomness is a pure function of ``(seed, epoch)`` (shuffle order) and ``(seed, 
 sharded over processes is split inside every global batch: the shards of batch b, concatenated in shard order,
 are exactly the one-process batch b (same examples, same augmentation).
 
-Reference: alignq-reference.md section 8 (batch sizes, augmentation, evaluation on the full test set).
+Reference: docs/method.md §8 (batch sizes, augmentation, evaluation on the full test set).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def iterate_batches(
     num_shards: int = 1,
     shard_index: int = 0,
 ) -> Iterator[Batch]:
-    """Yields one epoch of fixed-shape batches (reference section 8 recipes).
+    """Yields one epoch of fixed-shape batches (docs/method.md §8 recipes).
 
     Args:
       images: (N, H, W, C) uint8 pixels, or float pixels in [0, 1].

@@ -1,7 +1,7 @@
 """``ArrayDataset``: an in-memory train/test image classification data set, the object the training loop eats.
 
 Every loader in ``alignq_jax.data`` returns one; users with their own numpy arrays construct it directly.
-Reference: alignq-reference.md section 8 (recipes: normalisation, augmentation, evaluation on the full test
+Reference: docs/method.md §8 (recipes: normalisation, augmentation, evaluation on the full test
 split).
 """
 
@@ -94,7 +94,7 @@ class ArrayDataset:
       mean, std: per-channel normalisation on [0, 1] pixels (length C or 1); ``None`` computes them from the
         training images (``channel_stats``).
       augment: training augmentation, ``"none"``, ``"crop_flip"`` (random crop with ``pad`` zero padding +
-        horizontal flip, the CIFAR recipe of reference section 8) or ``"flip"``.
+        horizontal flip, the CIFAR recipe of docs/method.md §8) or ``"flip"``.
       pad: crop padding.
 
     Raises:
@@ -146,7 +146,7 @@ class ArrayDataset:
     def from_spec(
         cls, spec: DatasetSpec, train_images, train_labels, test_images, test_labels
     ) -> "ArrayDataset":
-        """Builds the data set with a ``DatasetSpec``'s classes, normalisation and augmentation (section 8)."""
+        """Builds the data set with a ``DatasetSpec``'s classes, normalisation and augmentation (docs/method.md §8)."""
         ds = cls(
             train_images, train_labels, test_images, test_labels, spec.num_classes, name=spec.name,
             mean=spec.mean, std=spec.std, augment=spec.augment, pad=spec.pad,

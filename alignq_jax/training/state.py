@@ -1,4 +1,4 @@
-"""Training configuration, the TrainState pytree, optimizer and ADMM construction (reference sections 6 and 8)."""
+"""Training configuration, the TrainState pytree, optimizer and ADMM construction (docs/method.md §6 and §8)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class TrainConfig:
       epochs, batch_size, eval_batch_size: loop sizes (global batch over all devices).
       lr, momentum, weight_decay, milestones, lr_decay: SGD with PyTorch-style L2 decay added to the gradient
         and a MultiStep schedule (milestones in epochs).
-      admm, admm_mode, admm_mu, admm_rho, admm_weight: correlation preservation (reference section 5); the loss
+      admm, admm_mode, admm_mu, admm_rho, admm_weight: correlation preservation (docs/method.md §5); the loss
         is CE + admm_weight * penalty.
       seed: parameters, ADMM init and data order.
       parallel: "auto" (shard_map over all devices if more than one, else a plain jit), "none", "shard_map",
@@ -121,7 +121,7 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """PyTorch SGD: buf = momentum*buf + (g + wd*w); w -= lr*buf (reference quirk 5: plain momentum SGD)."""
+    """PyTorch SGD: buf = momentum*buf + (g + wd*w); w -= lr*buf (plain momentum SGD; docs/method.md, quirk 5)."""
     sgd = optax.sgd(lr_schedule(config, steps_per_epoch), momentum=config.momentum or None)
     if config.weight_decay:
         return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)

@@ -1,6 +1,6 @@
 """Pure train and eval steps, and their single-device / data-parallel (shard_map over a Mesh, or pmap) forms.
 
-One iteration (reference section 6): forward in train mode (quantized weights and activations, correlation gaps
+One iteration (docs/method.md §6): forward in train mode (quantized weights and activations, correlation gaps
 recorded), loss = CE + admm_weight * ADMM penalty, gradients (averaged over the device axis), optax update, then
 the ADMM update with this step's gaps (computed before the weight update, as the official code does).
 """
