@@ -53,8 +53,9 @@ class QuantConfig:
       correlation_target: "aligned" compares x with the unrounded aligned output (official code) or
         "quantized" with the rounded output (the paper's Theorem 3.2 is about X vs Q(X)).
       correlation_eps: stabiliser of the per-feature batch std.
-      correlation_features: None (exact gap) or K: estimate each gap from K random features per step (unbiased;
-        the Flax layer then needs the RNG stream "correlation").
+      correlation_features: None (exact gap) or K: estimate each gap from at least K random feature columns per
+        step: every channel, each at its own random grid of positions (an unbiased estimate of the gap, not of the
+        ADMM penalty; the Flax layer then needs the RNG stream "correlation").
       stop_stats_grad: treat the weight mean/std as constants in the gradient (official: False).
       surrogate: None (straight-through rounding) or (lam, lam2) for the paper's soft-step weight gradient
         (opt-in; reference section 3).
@@ -113,9 +114,11 @@ class QuantConfig:
     def correlation_gap(self, x, key=None, axis_name=None):
         """B x B gap between the quantizer input x (B, ...) and its aligned (or rounded, pre-ReLU) output.
 
-        With ``correlation_features`` the feature columns are sampled first (``key``: a fresh PRNG key per step,
-        the same on every device when ``axis_name`` is set), so only the sampled columns are transformed and
-        kept for the backward. ``axis_name``: all-gather the (sampled) batch over this device axis first, for
+        With ``correlation_features`` the feature columns are sampled first (every channel, each at its own random
+        grid of positions, see ``alignq_jax.correlation.draw_feature_sample``; ``key``: a fresh PRNG key per
+        step, the same on every device when ``axis_name`` is set), so only the sampled columns are transformed and
+        kept for the backward. The sampled gap is an unbiased estimate of the exact gap; the ADMM penalty of it is
+        not an unbiased estimate of the penalty of the exact gap (it is nonlinear in the gap). ``axis_name``: all-gather the (sampled) batch over this device axis first, for
         the global correlation. The target and the (B, B) gap are computed in float32 whatever x's dtype.
         """
         if self._samples(x, key):
@@ -129,11 +132,11 @@ class QuantConfig:
         scale, shift = scale.astype(dtype), shift.astype(dtype)
         if not self._samples(h, key):
             return self._gap_of(h.astype(dtype) * scale + shift, axis_name)
-        b, c = h.shape[0], h.shape[-1]
-        offset, stride, count = _correlation.draw_feature_sample(h[0].size, key, self.correlation_features)
-        hs = _correlation.take_features(h.reshape(b, -1), offset, stride, count).astype(dtype)
-        channel = _correlation.sampled_columns(offset, stride, count) % c  # NHWC: the channel is the fastest axis
-        return self._gap_of(hs * scale[channel] + shift[channel], axis_name)
+        offsets, strides = _correlation.draw_feature_sample(h.shape[1:], key, self.correlation_features)
+        hs = _correlation.take_features(h, offsets, strides).astype(dtype)  # (B, ..., C') with C' kept channels
+        scale = _correlation.take_channels(scale, offsets[1], strides[-1])
+        shift = _correlation.take_channels(shift, offsets[1], strides[-1])
+        return self._gap_of(hs * scale + shift, axis_name)
 
     def _samples(self, x, key) -> bool:
         if self.correlation_features is None:

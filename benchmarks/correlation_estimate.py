@@ -5,7 +5,8 @@
 For each seed: one FP32 SmallCNN, then quantization-aware fine-tuning of copies of it with AlignQ (CDF only),
 AlignQ + ADMM with the exact gap, and AlignQ + ADMM with the sampled gap (each K in --features). Reports
 last-epoch test accuracy (clean and brightness/contrast-shifted), mean +- std over seeds, and the relative
-error of the sampled gap against the exact one on real activations. Writes JSON with --json.
+error of the sampled gap against the exact one on real activations (benchmarks/correlation_sampling.py compares
+the column samplers in detail). Writes JSON with --json.
 """
 
 from __future__ import annotations

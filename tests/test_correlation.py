@@ -173,44 +173,146 @@ def test_jit_matches_eager():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampled-feature estimate (issue 4): strided subsets, select-based backward, exact unbiasedness.
+# Sampled-feature estimate: a random lattice of spatial positions with all their channels.
 
-from alignq_jax.correlation import draw_feature_sample, sample_features, take_features  # noqa: E402
+import itertools  # noqa: E402
+
+from alignq_jax.correlation import (  # noqa: E402
+    draw_feature_sample,
+    feature_strides,
+    sample_features,
+    take_channels,
+    take_features,
+)
+
+RESNET20_SHAPES = [(32, 32, 16), (16, 16, 32), (8, 8, 64)]
 
 
-def test_take_features_forward_and_backward_match_indexing():
-    x = jax.random.normal(jax.random.key(30), (5, 23))
-    for offset in range(4):
-        np.testing.assert_array_equal(take_features(x, jnp.asarray(offset), 4, 5), np.asarray(x)[:, offset:20:4])
-        up = jax.random.normal(jax.random.key(31), (5, 5))
-        grad = jax.grad(lambda x: jnp.sum(take_features(x, jnp.asarray(offset), 4, 5) * up))(x)
-        expected = np.zeros((5, 23), np.float32)
-        expected[:, offset:20:4] = np.asarray(up)
-        np.testing.assert_array_equal(grad, expected)
+def _sample_columns(shape, offsets, strides):
+    """Flat NHWC indices of a sample in take_features' output order, by numpy indexing (independent of the
+    library's masks and reshapes): kept channel j = channel_offset + c_s*j at positions spatial_offsets[:, j] +
+    s * n along each spatial axis."""
+    spatial_offsets, channel_offset = (np.asarray(o) for o in offsets)
+    idx = np.arange(int(np.prod(shape))).reshape(shape)
+    per_channel = []
+    for j, c in enumerate(range(int(channel_offset), shape[-1], strides[-1])):
+        grid = tuple(slice(int(o), None, s) for o, s in zip(spatial_offsets[:, j], strides[:-1]))
+        per_channel.append(idx[..., c][grid])
+    return np.stack(per_channel, axis=-1).ravel()
 
 
-def test_sampled_gap_is_unbiased_over_offsets():
-    """Averaged over all offsets, the sampled gap equals the exact gap (stride divides F)."""
-    x = jax.random.normal(jax.random.key(32), (6, 4, 4, 3)) * jnp.array([1.0, 2.0, 0.5])
+def _all_offsets_of_one_channel(strides):
+    return itertools.product(*(range(s) for s in strides[:-1]))
+
+
+@pytest.mark.parametrize("shape", RESNET20_SHAPES)
+@pytest.mark.parametrize("k", [1024, 256])
+def test_every_sample_covers_every_channel_for_resnet20_shapes(shape, k):
+    """Every draw keeps all channels (the old stride-F/K scheme saw 1 of 16, 4 of 32 and 16 of 64 channels), has
+    at least k columns at evenly spread positions, and every column is equally likely to be drawn."""
+    strides = feature_strides(shape, k)
+    f, c = int(np.prod(shape)), shape[-1]
+    assert strides[-1] == 1 and f // int(np.prod(strides)) >= k
+    draws = []
+    for t in range(50):
+        offsets, _ = draw_feature_sample(shape, jax.random.key(t), k)
+        cols = _sample_columns(shape, offsets, strides)
+        assert set(cols % c) == set(range(c))
+        assert np.all(np.bincount(cols % c, minlength=c) == len(cols) // c)  # the same count per channel
+        draws.append(np.asarray(offsets[0]))
+    draws = np.stack(draws)  # (draws, spatial axes, channels): each offset uniform over its stride
+    for axis, s in enumerate(strides[:-1]):
+        counts = np.bincount(draws[:, axis].ravel(), minlength=s)
+        assert len(counts) == s and counts.min() > 0.5 * counts.mean()
+    # Each channel's possible grids partition its columns: with uniform offsets, inclusion probability 1/S.
+    for ch in (0, c - 1):
+        seen = np.zeros(f, int)
+        for spatial in _all_offsets_of_one_channel(strides):
+            offsets = (np.tile(np.asarray(spatial)[:, None], (1, c)), 0)
+            cols = _sample_columns(shape, offsets, strides)
+            seen[cols[cols % c == ch]] += 1
+        assert np.all(seen[np.arange(f) % c == ch] == 1)
+
+
+def test_feature_strides_edge_cases():
+    assert feature_strides((4, 4, 8), 128) == (1, 1, 1)  # all features requested: the exact gap
+    assert feature_strides((100,), 8) == (10,)  # (B, F) input: a stride over the features
+    assert feature_strides((13,), 4) == (1,)  # a prime count has no divisor: every feature, still exact
+    assert feature_strides((7, 7, 64), 196) == (1, 7, 1)  # strides divide their axes (here 7 x 1 positions)
+    assert feature_strides((8, 8, 64), 16) == (8, 8, 4)  # fewer features than channels: a channel stride
+
+
+@pytest.mark.parametrize("shape, k", [((5, 4, 6, 3), 4), ((3, 8, 8, 6), 6), ((4, 12), 3), ((2, 4, 4, 8), 4)])
+def test_take_features_forward_and_backward_match_the_gather(shape, k):
+    """Values equal numpy indexing of the sampled columns; the select-based backward equals the true VJP of the
+    gather (jit, traced offsets)."""
+    strides = feature_strides(shape[1:], k)
+    assert np.prod(strides) > 1
+    x = jax.random.normal(jax.random.key(30), shape)
+    b = shape[0]
+    fwd = jax.jit(lambda x, o: take_features(x, o, strides))
+    for t in range(4):
+        offsets, _ = draw_feature_sample(shape[1:], jax.random.key(t), k)
+        cols = _sample_columns(shape[1:], offsets, strides)
+        got = fwd(x, offsets)
+        np.testing.assert_array_equal(got.reshape(b, -1), np.asarray(x).reshape(b, -1)[:, cols])
+        up = jax.random.normal(jax.random.key(31 + t), got.shape)
+        grad = jax.jit(jax.grad(lambda x, o: jnp.sum(take_features(x, o, strides) * up)))(x, offsets)
+        true_vjp = jax.grad(lambda x: jnp.sum(x.reshape(b, -1)[:, cols] * up.reshape(b, -1)))(x)
+        np.testing.assert_array_equal(grad, true_vjp)
+        assert np.count_nonzero(grad) == up.size
+    np.testing.assert_array_equal(take_channels(jnp.arange(12.0), jnp.asarray(2), 3), [2.0, 5.0, 8.0, 11.0])
+
+
+def _real_like(shape, key):
+    """Spatially smooth, channel-correlated activations (a random conv of smooth images), BN-standardised."""
+    k1, k2 = jax.random.split(key)
+    img = jax.random.normal(k1, (*shape[:3], 3))
+    img = jax.lax.reduce_window(img, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+    filters = jax.random.normal(k2, (3, 3, 3, shape[3]))
+    x = jax.lax.conv_general_dilated(img, filters, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (x - x.mean((0, 1, 2))) / x.std((0, 1, 2)) * jnp.linspace(0.5, 2.0, shape[3]) + 0.3
+
+
+@pytest.mark.parametrize("shape, k", [((8, 16, 16, 8), 256), ((6, 8, 8, 16), 64)])
+def test_sampled_gap_is_unbiased(shape, k):
+    """E[sampled gap] = exact gap, averaging over random keys (within a few standard errors of the mean); a single
+    draw does differ from the exact gap."""
+    x = _real_like(shape, jax.random.key(32))
     y = cdf_align_activation(x)
-    flat_x, flat_y = x.reshape(6, -1), y.reshape(6, -1)
-    stride = 4
-    gaps = [correlation_gap(take_features(flat_x, jnp.asarray(o), stride, 12), take_features(flat_y, jnp.asarray(o), stride, 12))
-            for o in range(stride)]
-    np.testing.assert_allclose(np.mean(gaps, axis=0), correlation_gap(x, y), atol=1e-5)
-    assert np.abs(np.asarray(gaps[0]) - np.asarray(correlation_gap(x, y))).max() > 1e-3
+    exact = np.asarray(correlation_gap(x, y), np.float64)
+    n = 300
+    draws = np.stack([np.asarray(correlation_gap(x, y, num_features=k, key=jax.random.key(t)), np.float64)
+                      for t in range(n)])
+    assert np.abs(draws[0] - exact).max() > 1e-4
+    se = draws.std(0) / np.sqrt(n) + 1e-7
+    assert np.max(np.abs(draws.mean(0) - exact) / se) < 5.0
+    # squared Frobenius error of the mean vs its expectation sum(Var)/n for an unbiased estimate
+    assert np.sum((draws.mean(0) - exact) ** 2) < 4.0 * np.sum(se**2)
 
 
-def test_sample_features_draws_offsets_uniformly():
-    offsets = [int(draw_feature_sample(48, jax.random.key(k), 12)[0]) for k in range(200)]
-    assert set(offsets) == {0, 1, 2, 3}
-    assert draw_feature_sample(48, jax.random.key(0), 12)[1:] == (4, 12)
-    assert draw_feature_sample(50, jax.random.key(0), 100)[1:] == (1, 50)  # more requested than available: all
+def test_sampled_gap_average_over_every_sample_is_the_exact_gap():
+    """Exact unbiasedness: 4 x 4 positions, 3 channels, stride 2 x 2 -> 4 grids per channel, 4^3 equally likely
+    samples; their mean gap equals the exact gap to float32 rounding."""
+    shape = (5, 4, 4, 3)
+    x = _real_like(shape, jax.random.key(34))
+    y = cdf_align_activation(x)
+    strides = feature_strides(shape[1:], 12)
+    assert strides == (2, 2, 1)
+    grids = list(_all_offsets_of_one_channel(strides))
+    gaps = []
+    for choice in itertools.product(grids, repeat=3):
+        offsets = (jnp.asarray(np.array(choice).T, jnp.int32), jnp.asarray(0, jnp.int32))
+        gaps.append(correlation_gap(take_features(x, offsets, strides), take_features(y, offsets, strides)))
+    np.testing.assert_allclose(np.mean(gaps, axis=0), correlation_gap(x, y), atol=1e-6)
+
+
+def test_sample_features_and_gap_arguments():
     a, b = sample_features((jnp.arange(40.0).reshape(2, 20), -jnp.arange(40.0).reshape(2, 20)), jax.random.key(3), 5)
+    assert a.shape == (2, 5)
     np.testing.assert_array_equal(a, -b)  # the same columns of every array
-
-
-def test_correlation_gap_sampling_arguments():
+    with pytest.raises(ValueError, match="shape"):
+        sample_features((jnp.zeros((2, 20)), jnp.zeros((2, 10))), jax.random.key(3), 5)
     x = jax.random.normal(jax.random.key(33), (4, 64))
     with pytest.raises(ValueError, match="key"):
         correlation_gap(x, x, num_features=8)
