@@ -1,4 +1,4 @@
-"""ADMM correlation-preservation solver (reference section 5), optax-style: init / penalty / update.
+"""ADMM correlation-preservation solver (docs/method.md §5), optax-style: init / penalty / update.
 
 The problem: min_W L(W) + mu*||Z||_1 subject to D(W) = Z, where D is the correlation gap of each quantized
 activation layer (``alignq_jax.correlation.correlation_gap``). ``gaps`` is any pytree of B x B matrices (one per
@@ -6,12 +6,12 @@ layer); the state ``ADMMState(z, gamma)`` holds two pytrees that mirror it.
 
 Two modes:
 
-* ``"textbook"`` (default): scaled ADMM (reference 5.6). Zero init; penalty
+* ``"textbook"`` (default): scaled ADMM (docs/method.md §5.6). Zero init; penalty
   mu*mean|Z| + mean(Gamma*(D - Z)) + (rho/2)*mean((D - Z)^2); Z <- S_{mu/rho}(D + Gamma/rho) (elementwise soft
   threshold), Gamma <- Gamma + rho*(D - Z). The whole augmented Lagrangian is divided by the number of entries
   B^2 so its size does not grow with the batch; that is the same ADMM on a rescaled objective, so the Z and Gamma
   steps are the standard ones.
-* ``"paper"``: the official code's equations exactly (reference 5.1-5.3): U[0,1) init of size dim x dim,
+* ``"paper"``: the official code's equations exactly (docs/method.md §5.1-5.3): U[0,1) init of size dim x dim,
   penalty mu*mean|Zb| + (rho/2)*RMS(D - Zb) + mean(Gammab*|D - Zb|) on the top-left B x B corner, Frobenius-norm
   group shrinkage of the whole matrix for Z, zero padding of D to dim x dim in the update.
 
@@ -135,7 +135,7 @@ class ADMM:
     """ADMM correlation-preservation solver (see the module docstring for the two modes).
 
     Attributes:
-      mode: "textbook" (default) or "paper" (official code, reference 5.1-5.3).
+      mode: "textbook" (default) or "paper" (official code, docs/method.md §5.1-5.3).
       mu: sparsity weight of ||Z||_1 (official: 0.2).
       rho: augmented-Lagrangian penalty (official: 0.3).
     """

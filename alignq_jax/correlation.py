@@ -1,4 +1,4 @@
-"""Batch-correlation term of AlignQ (reference section 4): B x B sample-similarity matrices and their gap.
+"""Batch-correlation term of AlignQ (docs/method.md §4): B x B sample-similarity matrices and their gap.
 
 Pure functions, no state. The ADMM solver (``alignq_jax.admm``) consumes the gaps.
 """
@@ -31,7 +31,7 @@ def standardise_features(x, eps=1e-5):
     """(B, ...) -> (B, F): every feature column centred over the batch and divided by sqrt(var + eps^2).
 
     var is the unbiased (ddof=1) batch variance. sqrt(var + eps^2) ~ std + eps (the official Office code's
-    epsilon) but keeps a finite derivative for features that are constant over the batch (reference quirk 9).
+    epsilon) but keeps a finite derivative for features that are constant over the batch (docs/method.md, quirk 9).
     Computed in float32 (see :func:`gap_dtype`) whatever the input dtype: a bfloat16 batch gives exactly the
     result of its float32 cast.
     """
@@ -44,7 +44,7 @@ def standardise_features(x, eps=1e-5):
 
 
 def batch_correlation(x, eps=1e-5):
-    """B x B batch correlation corr(X) = X_std X_std^T / F of reference section 4.
+    """B x B batch correlation corr(X) = X_std X_std^T / F of docs/method.md §4.
 
     Args:
       x: (B, ...) activations; features are everything after the batch axis (F = prod of those dims).
@@ -211,7 +211,7 @@ def sample_features(arrays, key, num_features):
 
 
 def correlation_gap(x, y, eps=1e-5, *, num_features=None, key=None):
-    """D = corr(y) - corr(x) (reference section 4): how much the transform x -> y changed the batch correlations.
+    """D = corr(y) - corr(x) (docs/method.md §4): how much the transform x -> y changed the batch correlations.
 
     Args:
       x: (B, ...) quantizer input (the BatchNorm output).

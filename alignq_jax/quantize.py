@@ -46,7 +46,7 @@ class QuantConfig:
     Attributes:
       w_bits: weight bits of quantized convs/dense layers, 1..8 or 32.
       a_bits: activation bits, 1..8 or 32.
-      method: "alignq" (Gaussian-CDF alignment) or "uniform" (plain uniform baseline, reference section 9).
+      method: "alignq" (Gaussian-CDF alignment) or "uniform" (plain uniform baseline, docs/method.md §9).
       levels: "exact" (k bits = at most 2^k levels, default) or "paper" (official grid, about one bit more).
       act_range: A of the activation grid (-A, A); official 2.0.
       correlation: record the correlation gap of every quantized activation (for the ADMM term).
@@ -58,7 +58,7 @@ class QuantConfig:
         ADMM penalty; the Flax layer then needs the RNG stream "correlation").
       stop_stats_grad: treat the weight mean/std as constants in the gradient (official: False).
       surrogate: None (straight-through rounding) or (lam, lam2) for the paper's soft-step weight gradient
-        (opt-in; reference section 3).
+        (opt-in; docs/method.md §3).
     """
 
     w_bits: int = 32
@@ -260,7 +260,7 @@ def gap_shapes(model: nn.Module, variables, *args, rngs=None, **kwargs):
 
 
 class QuantActivation(nn.Module):
-    """Activation quantizer (place after BatchNorm, before ReLU; reference section 7).
+    """Activation quantizer (place after BatchNorm, before ReLU; docs/method.md §7).
 
     Records the B x B correlation gap into ``GAP_COLLECTION`` when ``config.correlation`` is on, a_bits < 32 and
     that collection is mutable (so evaluation does not pay for it): under the name "gap", a tuple with one gap per

@@ -1,4 +1,4 @@
-"""Reference tests for alignq_jax.admm (reference section 5, worked example 3, and textbook ADMM 5.6)."""
+"""Reference tests for alignq_jax.admm (docs/method.md §5, worked example 3, and textbook ADMM §5.6)."""
 
 import functools
 
@@ -12,7 +12,7 @@ from alignq_jax.admm import ADMM, ADMMState
 
 MU, RHO = 0.2, 0.3
 
-# Worked example 3 (reference section 5.4).
+# Worked example 3 (docs/method.md §5.4).
 X3 = np.array([[0.5, -1.0, 1.2, 0.0], [-0.3, 0.4, 2.0, -1.5], [1.1, 0.9, -0.7, 0.6]])
 D3_REF = np.array([[0.0361, 0.0119, -0.0479], [0.0119, -0.0479, 0.0361], [-0.0479, 0.0361, 0.0119]])
 ZNEW3_REF = np.array([[0.1853, 0.1731, 0.1432], [0.1731, 0.1432, 0.1853], [0.1432, 0.1853, 0.1731]])
@@ -76,7 +76,7 @@ def _example3_state():
 # paper mode: worked example 3
 # ----------------------------------------------------------------------------------------------
 def test_example3_gap_sanity():
-    # guards the test's own numpy helper against the reference's D
+    # guards the test's own numpy helper against docs/method.md §5.4's D
     np.testing.assert_allclose(_example3_gap(), D3_REF, atol=1e-4)
 
 
@@ -103,7 +103,7 @@ def test_paper_example3_update():
     assert isinstance(new, ADMMState)
     z_new, g_new = np.asarray(new.z), np.asarray(new.gamma)
     assert z_new.shape == (4, 4) and g_new.shape == (4, 4)
-    # Z_new = shrink factor * V with the reference's factor 0.501569 (= 1 - (mu/rho)/||V||_F, ||V||_F = 1.337531)
+    # Z_new = shrink factor * V with docs/method.md §5.4's factor 0.501569 (= 1 - (mu/rho)/||V||_F, ||V||_F = 1.337531)
     v = np.full((4, 4), 0.1 / 0.3)
     v[:3, :3] += _example3_gap()
     np.testing.assert_allclose(z_new / v, 0.501569, atol=1e-5)
@@ -119,7 +119,7 @@ def test_paper_example3_update():
 
 
 def test_paper_example3_with_module_gap():
-    """End to end with the library's own correlation gap (reference section 5.4)."""
+    """End to end with the library's own correlation gap (docs/method.md §5.4)."""
     from alignq_jax.correlation import correlation_gap
     from alignq_jax.quantizers import cdf_align_activation
 
@@ -282,7 +282,7 @@ def test_textbook_penalty_and_update_vs_numpy(mu, rho):
 
 
 def test_textbook_example3_is_elementwise():
-    """Reference 5.4: elementwise soft thresholding S_{mu/rho}(V) of example 3 gives all zeros."""
+    """docs/method.md §5.4: elementwise soft thresholding S_{mu/rho}(V) of example 3 gives all zeros."""
     d = _example3_gap()
     st = ADMMState(z=jnp.full((3, 3), 0.5, jnp.float32), gamma=jnp.full((3, 3), 0.1, jnp.float32))
     new = ADMM(mode="textbook").update(_f32(d), st)

@@ -1,4 +1,4 @@
-"""Reference tests for alignq_jax.correlation (reference sections 4, 5.4 and quirk 9)."""
+"""Reference tests for alignq_jax.correlation (docs/method.md §4, §5.4 and quirk 9)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from scipy.special import ndtr
 from alignq_jax.correlation import batch_correlation, correlation_gap
 from alignq_jax.quantizers import cdf_align_activation
 
-# Worked example 3 (reference section 5.4): B = 3, F = 4, A = 2.
+# Worked example 3 (docs/method.md §5.4): B = 3, F = 4, A = 2.
 X3 = np.array([[0.5, -1.0, 1.2, 0.0], [-0.3, 0.4, 2.0, -1.5], [1.1, 0.9, -0.7, 0.6]], np.float32)
 CORR_X3 = [[0.3508, -0.1311, -0.2197], [-0.1311, 0.7803, -0.6492], [-0.2197, -0.6492, 0.8689]]
 CORR_Y3 = [[0.3869, -0.1193, -0.2676], [-0.1193, 0.7324, -0.6131], [-0.2676, -0.6131, 0.8807]]
@@ -108,7 +108,7 @@ def test_correlation_gap_definition():
     assert d.shape == (5, 5)
     np.testing.assert_allclose(d, np_corr(y) - np_corr(x), atol=1e-5)
     np.testing.assert_allclose(np.asarray(correlation_gap(jnp.asarray(x), jnp.asarray(x))), 0.0, atol=1e-7)
-    # an affine y has no gap (A drops out, reference section 4)
+    # an affine y has no gap (A drops out, docs/method.md §4)
     np.testing.assert_allclose(np.asarray(correlation_gap(jnp.asarray(x), jnp.asarray(3 * x - 1))), 0.0, atol=1e-5)
     d_eps = np.asarray(correlation_gap(jnp.asarray(x), jnp.asarray(y), eps=0.4))
     np.testing.assert_allclose(d_eps, np_corr(y, 0.4) - np_corr(x, 0.4), atol=1e-5)
@@ -119,7 +119,7 @@ def _gap_loss(x):
 
 
 def test_gradient_finite_with_constant_features():
-    """Reference quirk 9: a feature constant over the batch must not give NaN/inf gradients."""
+    """docs/method.md, quirk 9: a feature constant over the batch must not give NaN/inf gradients."""
     rng = np.random.default_rng(6)
     x = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
     x[:, 0, 0, :] = 0.0  # zero-padded border

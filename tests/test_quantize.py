@@ -263,7 +263,7 @@ def test_intercept_quantizes_existing_model_convs():
     grads = jax.grad(lambda v: quantize.quantized_apply(model, CFG)(v, X).sum())(variables)
     kernel_grad = grads["params"]["Conv_0"]["kernel"]
     assert np.all(np.isfinite(kernel_grad))
-    # The weight quantizer's gradient sums to zero per tensor (reference section 1).
+    # The weight quantizer's gradient sums to zero per tensor (docs/method.md §1).
     assert abs(float(kernel_grad.sum())) < 1e-3 * float(jnp.abs(kernel_grad).sum())
 
 

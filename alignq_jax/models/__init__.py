@@ -1,4 +1,4 @@
-"""Models built from a ``QuantConfig`` with the reference's quantizer placement (section 7)."""
+"""Models built from a ``QuantConfig`` with AlignQ's quantizer placement (docs/method.md §7)."""
 
 from alignq_jax.models.resnet_cifar import BasicBlock, CifarResNet, resnet20, resnet56
 from alignq_jax.models.small_cnn import SmallCNN

@@ -1,4 +1,4 @@
-"""CIFAR ResNet-20/56 with AlignQ's quantizer placement (reference section 7).
+"""CIFAR ResNet-20/56 with AlignQ's quantizer placement (docs/method.md §7).
 
 Post-activation basic blocks: conv -> BN -> Q -> ReLU -> conv -> BN -> Q -> (+ shortcut) -> ReLU. Every conv is
 quantized (stem and stride-2 1x1 shortcut convs too); the shortcut conv is followed by BN -> Q (no ReLU); the
@@ -22,7 +22,7 @@ BN_EPSILON = 1e-5
 
 
 def bn_quant(config: QuantConfig, train: bool, axis_name: str | None, correlation_axis_name: str | None, **kwargs):
-    """BN -> activation quantizer (-> ReLU with relu=True) as one ``QuantBatchNorm`` (reference section 7)."""
+    """BN -> activation quantizer (-> ReLU with relu=True) as one ``QuantBatchNorm`` (docs/method.md §7)."""
     return QuantBatchNorm(
         config,
         use_running_average=not train,
