@@ -1,6 +1,6 @@
 """Vectorised host-side (numpy) augmentation and normalisation of whole NHWC batches.
 
-Reference: alignq-reference.md section 8: CIFAR training uses torchvision's RandomCrop(32, padding=4) (zero
+Specification: docs/method.md §8: CIFAR training uses torchvision's RandomCrop(32, padding=4) (zero
 padding, uniform offsets in [0, 2*pad]) followed by RandomHorizontalFlip(p=0.5); every split is then normalised
 as (x / 255 - mean) / std. Padding happens on raw pixels, so padded pixels normalise to -mean / std exactly as in
 torchvision.
@@ -27,7 +27,7 @@ def _check_batch(images: np.ndarray) -> np.ndarray:
 def crop_flip(
     images: np.ndarray, offset_y: np.ndarray, offset_x: np.ndarray, flip: np.ndarray, *, pad: int = 4
 ) -> np.ndarray:
-    """Deterministic zero-pad, crop and optional horizontal flip of a batch (reference section 8).
+    """Deterministic zero-pad, crop and optional horizontal flip of a batch (docs/method.md §8).
 
     Image i becomes ``padded[i, oy:oy+H, ox:ox+W]`` (flipped left-right when ``flip[i]``), where ``padded``
     is the batch zero-padded by ``pad`` pixels on each side of H and W. ``offset == pad`` with no flip is the
@@ -66,7 +66,7 @@ def crop_flip(
 def random_crop_flip(
     images: np.ndarray, rng: np.random.Generator, *, pad: int = 4, crop: bool = True, flip: bool = True
 ) -> np.ndarray:
-    """RandomCrop(H, padding=pad) + RandomHorizontalFlip(0.5) on a whole batch (reference section 8).
+    """RandomCrop(H, padding=pad) + RandomHorizontalFlip(0.5) on a whole batch (docs/method.md §8).
 
     Args:
       images: (N, H, W, C).
@@ -91,7 +91,7 @@ def random_crop_flip(
 def augment_batch(images: np.ndarray, rng: np.random.Generator, mode: str, *, pad: int = 4) -> np.ndarray:
     """Applies a named training augmentation to an (N, H, W, C) batch.
 
-    ``mode``: ``"none"`` (returned unchanged), ``"crop_flip"`` (CIFAR recipe, reference section 8) or
+    ``mode``: ``"none"`` (returned unchanged), ``"crop_flip"`` (CIFAR recipe, docs/method.md §8) or
     ``"flip"`` (horizontal flip only).
     """
     if mode not in AUGMENTATIONS:
@@ -106,7 +106,7 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, mode: str, *, pa
 def normalize(
     images: np.ndarray, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> np.ndarray:
-    """(x / 255 - mean) / std as float32 (torchvision ToTensor + Normalize; reference section 8).
+    """(x / 255 - mean) / std as float32 (torchvision ToTensor + Normalize; docs/method.md §8).
 
     Args:
       images: (..., C) uint8 pixels in [0, 255], or floats already in [0, 1] (not divided by 255 again).

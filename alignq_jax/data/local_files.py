@@ -9,7 +9,7 @@
 * SVHN cropped digits: ``train_32x32.mat`` and ``test_32x32.mat`` (the ``extra`` set is not used, reference
   section 8).
 
-All readers return uint8 NHWC images in an ``ArrayDataset`` with the recipe of reference section 8.
+All readers return uint8 NHWC images in an ``ArrayDataset`` with the recipe of docs/method.md §8.
 Note: CIFAR batches are Python pickles; only read files from a source you trust.
 """
 
@@ -93,7 +93,7 @@ def _read_cifar_members(root: Path) -> dict[str, bytes]:
 
 
 def load_cifar10_python(path: PathLike) -> ArrayDataset:
-    """CIFAR-10 from the "python version" batches (50,000 train / 10,000 test), recipe of reference section 8.
+    """CIFAR-10 from the "python version" batches (50,000 train / 10,000 test), recipe of docs/method.md §8.
 
     Args:
       path: the ``cifar-10-batches-py`` folder, a folder containing it, or ``cifar-10-python.tar.gz`` (or a
@@ -179,7 +179,7 @@ def find_idx_dir(path: PathLike, name: str = "mnist") -> Path | None:
 
 
 def load_idx(path: PathLike, name: str = "mnist") -> ArrayDataset:
-    """MNIST or Fashion-MNIST from IDX files (reference section 8: normalise with mean 0.5, std 0.5).
+    """MNIST or Fashion-MNIST from IDX files (docs/method.md §8: normalise with mean 0.5, std 0.5).
 
     Args:
       path: folder with ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
@@ -254,7 +254,7 @@ def _read_svhn_mat(file: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_svhn_mat(path: PathLike) -> ArrayDataset:
-    """SVHN cropped digits from ``train_32x32.mat`` / ``test_32x32.mat`` (no ``extra``; reference section 8).
+    """SVHN cropped digits from ``train_32x32.mat`` / ``test_32x32.mat`` (no ``extra``; docs/method.md §8).
 
     Returns:
       ``ArrayDataset`` with uint8 images (N, 32, 32, 3), labels 0..9 (the files' 10 is mapped to 0),

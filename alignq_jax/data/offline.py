@@ -1,8 +1,8 @@
 """Offline data: scikit-learn's real 8x8 handwritten digits (1,797 images, shipped inside scikit-learn).
 
-This is the data set of the no-network demo (design.md, "someone on a laptop ... on real data"). It has no
-official split, so a fixed stratified 75/25 split (``random_state=0``) is used; images are normalised with the
-training split's own mean/std (the recipe table of reference section 8 has no digits-8x8 row; this mirrors
+This is the data set of the no-network demo (docs/design.md: a laptop user sees results on real data with no
+network). It has no official split, so a fixed stratified 75/25 split (``random_state=0``) is used; images are normalised with the
+training split's own mean/std (the recipe table of docs/method.md §8 has no digits-8x8 row; this mirrors
 its "normalise only, no augmentation" digits recipe).
 """
 

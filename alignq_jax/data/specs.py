@@ -1,6 +1,6 @@
 """Dataset specifications: shapes, classes, normalisation and augmentation per dataset.
 
-Reference: alignq-reference.md section 8 (data recipes):
+Specification: docs/method.md §8 (data recipes):
 
 * CIFAR-10: RandomCrop(32, padding 4) + RandomHorizontalFlip for training; Normalize mean
   (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010); test split: normalise only.
@@ -31,7 +31,7 @@ class DataNotFoundError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """Static description of a supported data set (reference section 8).
+    """Static description of a supported data set (docs/method.md §8).
 
     Attributes:
       name: canonical name (the TFDS name where there is one).
@@ -87,5 +87,5 @@ def canonical_name(name: str) -> str:
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """Returns the ``DatasetSpec`` of a supported data set (reference section 8)."""
+    """Returns the ``DatasetSpec`` of a supported data set (docs/method.md §8)."""
     return DATASET_SPECS[canonical_name(name)]

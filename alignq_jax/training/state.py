@@ -26,7 +26,7 @@ def _positive(name, value, kind=(int, float)):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything that defines a training run; the defaults are the reference's ResNet-20 CIFAR-10 recipe.
+    """Everything that defines a training run; the defaults are the official ResNet-20 CIFAR-10 recipe (docs/method.md §8).
 
     Attributes:
       model: "resnet20", "resnet56" or "small_cnn".
