@@ -118,8 +118,9 @@ class QuantConfig:
         grid of positions, see ``alignq_jax.correlation.draw_feature_sample``; ``key``: a fresh PRNG key per
         step, the same on every device when ``axis_name`` is set), so only the sampled columns are transformed and
         kept for the backward. The sampled gap is an unbiased estimate of the exact gap; the ADMM penalty of it is
-        not an unbiased estimate of the penalty of the exact gap (it is nonlinear in the gap). ``axis_name``: all-gather the (sampled) batch over this device axis first, for
-        the global correlation. The target and the (B, B) gap are computed in float32 whatever x's dtype.
+        not an unbiased estimate of the penalty of the exact gap (it is nonlinear in the gap). ``axis_name``:
+        all-gather the (sampled) batch over this device axis first, for the global correlation. The target and the
+        (B, B) gap are computed in float32 whatever x's dtype.
         """
         if self._samples(x, key):
             (x,) = _correlation.sample_features((x,), key, self.correlation_features)
@@ -241,7 +242,8 @@ def _record_gap(module: nn.Module, compute: Callable[[Any], Any]) -> None:
         return
     if module.is_initializing():
         return
-    module.sow(GAP_COLLECTION, "gap", compute(module.make_rng(CORRELATION_RNG) if config.correlation_features else None))
+    key = module.make_rng(CORRELATION_RNG) if config.correlation_features else None
+    module.sow(GAP_COLLECTION, "gap", compute(key))
 
 
 def gap_shapes(model: nn.Module, variables, *args, rngs=None, **kwargs):
@@ -339,7 +341,8 @@ class QuantBatchNorm(nn.Module):
         # only its result is cast back (a bf16 model quantizes exactly as float32 would, then casts).
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         shift = bias - mean * mul
-        _record_gap(self, lambda key: self.config.correlation_gap_affine(h, mul, shift, key, self.correlation_axis_name))
+        axis = self.correlation_axis_name
+        _record_gap(self, lambda key: self.config.correlation_gap_affine(h, mul, shift, key, axis))
         return self.config.quantize_activation_affine(h, mul, shift, relu=self.relu).astype(h.dtype)
 
 

@@ -1,6 +1,6 @@
 """How well a sampled correlation gap estimates the exact gap on real activations, for three column samplers.
 
-    python benchmarks/correlation_sampling.py            # prints a table, writes benchmarks/results/correlation_sampling.json
+    python benchmarks/correlation_sampling.py   # a table; JSON in benchmarks/results/correlation_sampling.json
 
 Activations: scikit-learn's real 8x8 handwritten digits (offline) through
 
