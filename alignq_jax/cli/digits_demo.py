@@ -180,8 +180,9 @@ def plot_summary(path: Path, summary: dict, test_sets, args) -> None:
         ax.bar(x + (i - (len(VARIANTS) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=variant)
     ax.set_xticks(x, test_sets)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"digits, SmallCNN, {args.bits}-bit ({args.levels} levels; alignq+admm: ADMM {args.admm_mode}): "
-                 "clean and shifted test sets, mean ± std over seeds", fontsize=9)
+    report.set_wrapped_title(
+        ax, f"digits, SmallCNN, {args.bits}-bit ({args.levels} levels; alignq+admm: ADMM {args.admm_mode}): "
+        "clean and shifted test sets, mean ± std over seeds", fontsize=9, width=100)
     ax.legend(ncol=len(VARIANTS), fontsize=8, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -71,6 +72,11 @@ def level_counts(quant, *, samples: int = LEVEL_SAMPLES) -> dict[str, int | None
     return counts
 
 
+def set_wrapped_title(ax, title: str, *, fontsize: float = 10, width: int = 80) -> None:
+    """A title broken into lines of at most ``width`` characters, so long run descriptions are not cut off."""
+    ax.set_title(textwrap.fill(title, width), fontsize=fontsize)
+
+
 def history_figure(segments: Sequence[tuple[str, list[dict], int]], title: str,
                    boundaries: Sequence[tuple[float, str]] = (), *, xlabel: str = "epoch"):
     """Test accuracy (%) per epoch: one line per (label, history, epoch offset); a history's epoch e is drawn at
@@ -95,7 +101,7 @@ def history_figure(segments: Sequence[tuple[str, list[dict], int]], title: str,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    set_wrapped_title(ax, title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
