@@ -209,13 +209,15 @@ def test_interrupts_wait_while_a_checkpoint_is_written():
     import signal
     import time
 
+    from alignq_jax.training.loop import interrupts_outside
+
     # A function defined in a module named orbax.*: Ctrl-C arriving inside it must wait until it returns (an
     # interrupted Orbax write leaves a thread that blocks the process's exit).
     namespace = {"__name__": "orbax.checkpoint.fake", "os": os, "signal": signal, "seen": []}
     exec("def write():\n    os.kill(os.getpid(), signal.SIGINT)\n    for _ in range(300000):\n        pass\n"
          "    seen.append('write finished')\n", namespace)
     with pytest.raises(KeyboardInterrupt):
-        with cli.interrupts_outside(retry_s=0.01):
+        with interrupts_outside(retry_s=0.01):
             namespace["write"]()
             namespace["seen"].append("after the write")
             for _ in range(500):
@@ -225,7 +227,7 @@ def test_interrupts_wait_while_a_checkpoint_is_written():
 
     # An interrupt still waiting when the block ends (the write was the last thing in it) is raised there.
     with pytest.raises(KeyboardInterrupt):
-        with cli.interrupts_outside(retry_s=30):
+        with interrupts_outside(retry_s=30):
             namespace["write"]()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

@@ -20,9 +20,7 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +30,7 @@ from alignq_jax.cli import report
 from alignq_jax.models import MODELS
 from alignq_jax.quantize import QuantConfig
 from alignq_jax.quantizers import ALLOWED_BITS, LEVEL_MODES, QUANTIZERS
+from alignq_jax.training.loop import interrupts_outside
 
 try:
     import fcntl
@@ -471,58 +470,6 @@ def workdir_lock(workdir: Path):
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-@contextlib.contextmanager
-def interrupts_outside(packages: tuple[str, ...] = ("orbax",), retry_s: float = 0.05, max_wait_s: float = 120.0):
-    """Ctrl-C raises KeyboardInterrupt as usual, except while the main thread runs code of ``packages``: then it
-    is delivered as soon as the main thread has left them (or after ``max_wait_s``, should that code hang).
-
-    An Orbax checkpoint write interrupted half way leaves a thread that waits forever, so the process would hang
-    at exit instead of printing how to resume. Only acts in the main thread, and only where Ctrl-C has Python's
-    default handler (not where it is ignored, e.g. in a background job). An interrupt still waiting when the
-    block ends is raised there.
-    """
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    waiting = {"since": None, "timer": None}
-
-    def inside(frame) -> bool:
-        while frame is not None:
-            if str(frame.f_globals.get("__name__", "")).startswith(packages):
-                return True
-            frame = frame.f_back
-        return False
-
-    def ask_again():
-        waiting["timer"] = None
-        os.kill(os.getpid(), signal.SIGINT)
-
-    def handler(signum, frame):
-        now = time.monotonic()
-        if inside(frame) and (waiting["since"] is None or now - waiting["since"] < max_wait_s):
-            if waiting["since"] is None:
-                waiting["since"] = now
-                print("\ninterrupt: finishing the checkpoint being written first", file=sys.stderr)
-            if waiting["timer"] is None:
-                waiting["timer"] = threading.Timer(retry_s, ask_again)
-                waiting["timer"].daemon = True
-                waiting["timer"].start()
-            return
-        waiting["since"] = None
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if waiting["timer"] is not None:
-            waiting["timer"].cancel()
-    if waiting["since"] is not None:
-        raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------------------------------------------

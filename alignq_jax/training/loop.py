@@ -8,12 +8,15 @@ reports the best epoch on the test set, i.e. model selection on test data: we sa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -257,6 +260,59 @@ def _rewrite(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def interrupts_outside(packages: tuple[str, ...] = ("orbax",), retry_s: float = 0.05, max_wait_s: float = 120.0):
+    """Ctrl-C raises KeyboardInterrupt as usual, except while the main thread runs code of ``packages``: then it
+    is delivered as soon as the main thread has left them (or after ``max_wait_s``, should that code hang).
+
+    An Orbax checkpoint write interrupted half way leaves a thread that waits forever, so the process would hang
+    at exit instead of printing how to resume. Only acts in the main thread, and only where Ctrl-C has Python's
+    default handler (not where it is ignored, e.g. in a background job). An interrupt still waiting when the
+    block ends is raised there.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    waiting = {"since": None, "timer": None}
+
+    def inside(frame) -> bool:
+        while frame is not None:
+            if str(frame.f_globals.get("__name__", "")).startswith(packages):
+                return True
+            frame = frame.f_back
+        return False
+
+    def ask_again():
+        waiting["timer"] = None
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def handler(signum, frame):
+        now = time.monotonic()
+        if inside(frame) and (waiting["since"] is None or now - waiting["since"] < max_wait_s):
+            if waiting["since"] is None:
+                waiting["since"] = now
+                print("\ninterrupt: finishing the checkpoint being written first", file=sys.stderr)
+            if waiting["timer"] is None:
+                waiting["timer"] = threading.Timer(retry_s, ask_again)
+                waiting["timer"].daemon = True
+                waiting["timer"].start()
+            return
+        waiting["since"] = None
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if waiting["timer"] is not None:
+            waiting["timer"].cancel()
+    if waiting["since"] is not None:
+        raise KeyboardInterrupt
+
+
+@interrupts_outside()  # Ctrl-C waits for a checkpoint write to finish (users calling fit directly too)
 def fit(
     config: TrainConfig,
     dataset,
