@@ -159,3 +159,20 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", terminal)
     fit(dataclasses.replace(cfg, epochs=1), ds)
     assert "epoch 1/1" in terminal.getvalue() and "\r" in terminal.getvalue()  # tqdm drew its bar
+
+
+@pytest.mark.slow
+def test_resume_on_another_device_count_with_per_device_admm_is_a_clear_error(tmp_path):
+    """Per-device ADMM states (one per device, each B_local x B_local) cannot be resumed on another device count;
+    fit must say so before Orbax fails on shapes. The same device count resumes."""
+    ds = _tiny_dataset()
+    quant = QuantConfig(w_bits=4, a_bits=4, correlation=True)
+    config = _config(quant=quant, admm=True, parallel="shard_map", num_devices=2)
+    fit(config, ds, workdir=tmp_path, progress=False, stop_after_epochs=1)
+    with pytest.raises(ValueError, match="2 per-device ADMM states, but this run has 4 per-device ADMM states"):
+        fit(dataclasses.replace(config, num_devices=4), ds, workdir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="2 per-device ADMM states, but this run has one shared ADMM state"):
+        fit(dataclasses.replace(config, parallel="none", num_devices=1), ds, workdir=tmp_path, resume=True,
+            progress=False)
+    resumed = fit(config, ds, workdir=tmp_path, resume=True, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]

@@ -140,16 +140,36 @@ def restore_checkpoint(manager, template: TrainState, epoch: int | None = None) 
     import orbax.checkpoint as ocp
 
     epoch = manager.latest_step() if epoch is None else epoch
-    restored = manager.restore(
-        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore())
-    )
-    meta = restored["meta"]
+    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if "epochs_done" not in meta:
         raise ValueError(
             f"checkpoint {epoch} in {manager.directory} was written by an older version of alignq_jax (epochs "
             "counted from 0); it cannot be resumed: start the run again without resume"
         )
+    _check_admm_layout(meta.get("admm_devices"), template, manager.directory)
+    restored = manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))
     return restored["state"], meta
+
+
+def _admm_devices(state: TrainState) -> int | None:
+    """Leading device axis of per-device ADMM states (canonical layout), or None when the state is shared."""
+    leaves = jax.tree.leaves(state.admm_state)
+    if not leaves or leaves[0].ndim != 3:
+        return None
+    return int(leaves[0].shape[0])
+
+
+def _check_admm_layout(saved: int | None, template: TrainState, directory) -> None:
+    # Per-device ADMM states cannot be restored on another device count (their number and size change); say so
+    # rather than let Orbax fail on shapes.
+    now = _admm_devices(template)
+    if saved != now:
+        def where(n):
+            return "one shared ADMM state" if n is None else f"{n} per-device ADMM states"
+        raise ValueError(
+            f"the checkpoint in {directory} holds {where(saved)}, but this run has {where(now)}: resume with the "
+            "device count and correlation settings it was trained with (e.g. --devices)"
+        )
 
 
 def load_variables(checkpoint_dir: str | os.PathLike) -> dict:
@@ -391,7 +411,10 @@ def fit(
                 if log_dir is not None:
                     with open(log_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
-                save_checkpoint(manager, epoch, steps.host_state(placed), {"epochs_done": epoch, "history": history})
+                save_checkpoint(
+                    manager, epoch, steps.host_state(placed),
+                    {"epochs_done": epoch, "history": history, "admm_devices": _admm_devices(state)},
+                )
             if log is not None:
                 log(
                     f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f} "
