@@ -12,23 +12,14 @@ import numpy as np
 import pytest
 
 from alignq_jax.admm import ADMMState
-from alignq_jax.data import ArrayDataset
 from alignq_jax.quantize import GAP_COLLECTION, QuantConfig
 from alignq_jax.training import TrainConfig, fit, load_variables, make_model
 from alignq_jax.training.loop import save_checkpoint
+from tiny_data import tiny_dataset
 
 
 def _tiny_dataset(n_train=64, n_test=24, seed=0):
-    """Two easy classes: bright vs dark 8x8 images with noise."""
-    rng = np.random.default_rng(seed)
-
-    def make(n):
-        labels = rng.integers(0, 2, n)
-        images = np.clip(rng.normal(80 + 100 * labels[:, None, None, None], 40, (n, 8, 8, 1)), 0, 255)
-        return images.astype(np.uint8), labels.astype(np.int32)
-
-    (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
-    return ArrayDataset(xtr, ytr, xte, yte, num_classes=2, name="tiny")
+    return tiny_dataset(n_train, n_test, seed)
 
 
 def _config(**kw):

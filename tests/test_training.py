@@ -8,9 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from alignq_jax.data import ArrayDataset
 from alignq_jax.models import get_model
-from alignq_jax.quantize import GAP_COLLECTION, QuantConfig
+from alignq_jax.quantize import QuantConfig
 from alignq_jax.training import (
     TrainConfig,
     canonical_state,
@@ -21,6 +20,7 @@ from alignq_jax.training import (
     train_on_arrays,
 )
 from alignq_jax.training.state import lr_schedule
+from tiny_data import tiny_dataset
 
 NUM_DEVICES = 8
 
@@ -245,16 +245,7 @@ def test_batch_must_divide_over_devices():
 
 
 def _tiny_dataset(n_train=96, n_test=40, seed=0):
-    """Two easy classes: bright vs dark 8x8 images with noise."""
-    rng = np.random.default_rng(seed)
-
-    def make(n):
-        labels = rng.integers(0, 2, n)
-        images = np.clip(rng.normal(80 + 100 * labels[:, None, None, None], 40, (n, 8, 8, 1)), 0, 255)
-        return images.astype(np.uint8), labels.astype(np.int32)
-
-    (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
-    return ArrayDataset(xtr, ytr, xte, yte, num_classes=2, name="tiny")
+    return tiny_dataset(n_train, n_test, seed)
 
 
 @pytest.fixture(scope="module")
