@@ -169,7 +169,7 @@ def _third_party_imports(path: Path) -> list[tuple[str, int, bool]]:
             top = mod.split(".")[0]
             if top in sys.stdlib_module_names or top in ("__future__", "alignq_jax", "conftest"):
                 continue
-            if top.startswith("test_") and (path.parent / f"{top}.py").is_file():
+            if (path.parent / f"{top}.py").is_file():  # a helper module beside the file (tests/tiny_data.py)
                 continue
             found.append((top, node.lineno, top_level))
     return found
