@@ -507,7 +507,7 @@ def _write(path: Path, text: str) -> None:
 
 def stage_record(name: str, bits: int, config, result, seconds: float, carried: str | None) -> dict:
     fp = bits == 32
-    levels = report.level_counts(config.quant) if not fp else {"weight_levels": None, "activation_levels": None}
+    levels = report.level_counts(config.quant)  # None for the 32-bit FP32 stage
     return {
         "stage": name,
         "bits": bits,

@@ -85,8 +85,7 @@ def run(args, out=print) -> dict:
             log = None if progress else (lambda line, s=seed, v=variant: out(f"seed {s} {v}: {line}"))
             result = fit(config, dataset, init_variables=init, progress=progress, log=log)
             if variant not in levels:
-                levels[variant] = report.level_counts(config.quant) if variant != "fp32" else {
-                    "weight_levels": None, "activation_levels": None}
+                levels[variant] = report.level_counts(config.quant)  # None for the 32-bit fp32 variant
             if variant == "fp32":
                 fp_result = result
             accs = evaluate_datasets(config, result.state, test_sets)
@@ -115,7 +114,7 @@ def run(args, out=print) -> dict:
     results = {
         "dataset": "digits (scikit-learn, 1347 train / 450 test)",
         "bits": args.bits,
-        "levels": args.levels,
+        "grid": args.levels,  # exact or paper; "levels" below holds the measured level counts per variant
         "admm_mode": args.admm_mode,
         "seeds": args.seeds,
         "args": vars(args),
