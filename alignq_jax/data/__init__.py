@@ -11,6 +11,14 @@ Reference: docs/method.md §8. Every loader returns an ``ArrayDataset``; its ``t
 
 from alignq_jax.data.augment import augment_batch, crop_flip, normalize, random_crop_flip
 from alignq_jax.data.batching import epoch_indices, iterate_batches, num_batches, prefetch_in_thread
+from alignq_jax.data.corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    corrupt_test_split,
+    corrupted_test_sets,
+    load_cifar10_corrupted,
+    mean_corruption_accuracy,
+)
 from alignq_jax.data.dataset import ArrayDataset, channel_stats
 from alignq_jax.data.load import find_local_files, load_dataset
 from alignq_jax.data.local_files import load_cifar10_python, load_idx, load_svhn_mat, read_idx
@@ -20,24 +28,30 @@ from alignq_jax.data.tfds_source import how_to_get, load_tfds, tfds_is_prepared
 
 __all__ = [
     "ArrayDataset",
+    "CORRUPTIONS",
     "DATASET_SPECS",
     "DataNotFoundError",
     "DatasetSpec",
+    "SEVERITIES",
     "augment_batch",
     "canonical_name",
     "channel_stats",
+    "corrupt_test_split",
+    "corrupted_test_sets",
     "crop_flip",
     "epoch_indices",
     "find_local_files",
     "get_spec",
     "how_to_get",
     "iterate_batches",
+    "load_cifar10_corrupted",
     "load_cifar10_python",
     "load_dataset",
     "load_digits_dataset",
     "load_idx",
     "load_svhn_mat",
     "load_tfds",
+    "mean_corruption_accuracy",
     "normalize",
     "num_batches",
     "prefetch_in_thread",
