@@ -179,19 +179,37 @@ def test_dorefa_one_bit_gradient_is_straight_through():
     w = jnp.asarray([-0.7, 0.1, 0.4], F32)
     c = jnp.asarray([1.0, -2.0, 3.0], F32)
     g = jax.grad(lambda v: jnp.sum(c * M.quantize_weight({}, v, 1)))(w)
-    # mean|w| = 0.4 held constant: d(0.4 * sign(w))/dw = 0.4 straight through.
-    np.testing.assert_allclose(np.asarray(g), 0.4 * np.asarray(c), rtol=1e-6)
+    # DoReFa's binary backward dc/dw = dc/dw_q: the identity, not scaled by mean|w| (0.4 here).
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(c))
 
 
 @pytest.mark.parametrize("bits", (1, 2, 4))
 def test_dorefa_all_zero_kernel_is_finite(bits):
     w = jnp.zeros((3, 4), F32)
-    out, g = jax.value_and_grad(lambda v: jnp.sum(M.quantize_weight({}, v, bits) ** 2))(w)
+    c = jnp.asarray(np.arange(12.0).reshape(3, 4), F32)
+    g = jax.grad(lambda v: jnp.sum(c * M.quantize_weight({}, v, bits)))(w)
     q = np.asarray(M.quantize_weight({}, w, bits))
-    # r = 1/2 everywhere: the grid point nearest 0 (half to even: code (n+1)/2, i.e. +1/n), or 0 at 1 bit.
+    # ratio taken as 0: r = 1/2, the grid point nearest 0 (half to even: code (n+1)/2, i.e. +1/n) with zero
+    # gradient; at 1 bit mean|w| = 0, output 0, identity gradient.
     expected = 0.0 if bits == 1 else 1.0 / (2**bits - 1)
     np.testing.assert_allclose(q, expected, atol=1e-7)
-    assert np.isfinite(float(out)) and np.all(np.isfinite(np.asarray(g)))
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(c) if bits == 1 else 0.0)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_pact_weights_are_dorefa_methods_weights(bits):
+    # PACT quantizes weights with DoReFa's scheme: same values and gradients as the DoReFa method's weights.
+    from alignq_jax.methods.dorefa import DoReFa
+
+    rng = np.random.default_rng(bits)
+    c = jnp.asarray(rng.normal(size=(3, 3, 4, 8)), F32)
+    for w in (jnp.asarray(rng.normal(0, 0.6, (3, 3, 4, 8)), F32), jnp.zeros((3, 3, 4, 8), F32)):
+        ours = jax.value_and_grad(lambda v: jnp.sum(c * M.quantize_weight({}, v, bits)))(w)
+        theirs = jax.value_and_grad(lambda v: jnp.sum(c * DoReFa().quantize_weight({}, v, bits)))(w)
+        np.testing.assert_array_equal(
+            np.asarray(M.quantize_weight({}, w, bits)), np.asarray(DoReFa().quantize_weight({}, w, bits))
+        )
+        np.testing.assert_allclose(np.asarray(ours[1]), np.asarray(theirs[1]), rtol=1e-6, atol=1e-7)
 
 
 def test_dorefa_weight_public_function_equals_method():

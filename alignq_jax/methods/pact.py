@@ -48,13 +48,18 @@ def _float32(x) -> jax.Array:
     return x.astype(jnp.float32)
 
 
+def _binary_value(w):
+    return jnp.mean(jnp.abs(w)) * jnp.where(w >= 0, 1.0, -1.0)
+
+
 @jax.custom_vjp
-def _ste_binary(w):
-    """+1 where w >= 0, -1 elsewhere (two levels: w = 0 maps to +1); identity backward."""
-    return jnp.where(w >= 0, 1.0, -1.0).astype(w.dtype)
+def _binary(w):
+    """mean|w| * sign(w), sign(0) = +1 (two levels); gradient the identity (DoReFa's dc/dw = dc/dw_q: the mean
+    is a constant and not a factor of the gradient)."""
+    return _binary_value(w)
 
 
-_ste_binary.defvjp(lambda w: (_ste_binary(w), None), lambda _, g: (g,))
+_binary.defvjp(lambda w: (_binary_value(w), None), lambda _, g: (g,))
 
 
 def dorefa_weight(w, bits: int) -> jax.Array:
@@ -62,11 +67,13 @@ def dorefa_weight(w, bits: int) -> jax.Array:
 
     k >= 2: w_q = 2 * quant_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1, quant_k(r) = round((2^k - 1) r) / (2^k - 1):
     the 2^k levels 2j/n - 1, j = 0..n, on [-1, 1] (no zero level). Gradient: straight-through on the rounding,
-    exact through tanh and through the max (as DoReFa's reference code differentiates it).
-    k = 1 (DoReFa's binary weights): w_q = mean(|w|) * sign(w), the mean held constant (no gradient), sign
-    straight-through; w = 0 maps to +mean(|w|), so there are exactly 2 levels.
-    An all-zero tensor (max|tanh w| = 0) gives what the formula gives with tanh(w)/max|tanh w| taken as 0: every
-    weight at the grid point nearest 0 (k >= 2), or 0 (k = 1); the gradient stays finite.
+    exact through tanh and through the max (as DoReFa's chain rule differentiates it).
+    k = 1 (DoReFa's binary weights): w_q = mean(|w|) * sign(w), w = 0 mapping to +mean(|w|) (exactly 2 levels);
+    gradient the identity (DoReFa's dc/dw = dc/dw_q).
+    An all-zero tensor (max|tanh w| = 0) has no defined ratio tanh(w)/max|tanh w|: it is taken as 0, giving every
+    weight the grid value nearest the middle (1/n: n/2 is a tie that rounds to the even code (n+1)/2), with zero
+    gradient (k >= 2); at k = 1 the output is 0 with the identity gradient. Same values and gradients as
+    ``alignq_jax.methods.dorefa``'s weights.
 
     Args:
       w: any shape, any float dtype; max and mean over the whole tensor.
@@ -78,14 +85,14 @@ def dorefa_weight(w, bits: int) -> jax.Array:
     w = jnp.asarray(w)
     w32 = _float32(w)
     if bits == 1:
-        scale = jax.lax.stop_gradient(jnp.mean(jnp.abs(w32)))
-        return (scale * _ste_binary(w32)).astype(w.dtype)
+        return _binary(w32).astype(w.dtype)
     t = jnp.tanh(w32)
     m = jnp.max(jnp.abs(t))
-    r = t / (2.0 * jnp.where(m > 0, m, 1.0)) + 0.5
+    zero = m == 0  # a NaN in w makes m NaN (not 0), so the NaN propagates
+    ratio = jnp.where(zero, 0.0, t / jnp.where(zero, 1.0, m))
     n = 2.0**bits - 1.0
     # (2j - n)/n rather than 2j/n - 1: one rounding, so jit (which may fuse a multiply-add) gives the same value.
-    return ((2.0 * ste_round(n * r) - n) / n).astype(w.dtype)
+    return ((2.0 * ste_round(n * (0.5 * ratio + 0.5)) - n) / n).astype(w.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
