@@ -1,17 +1,27 @@
-"""Flax integration: ``QuantConfig`` and quantized layers for Linen (primary) and NNX.
+"""Flax integration: ``QuantConfig``, per-layer ``QuantRules``, and quantized layers for Linen (primary) and NNX.
 
-Import as ``from alignq_jax import quantize``. The modules hold no math: they call the pure functions of
-``alignq_jax.quantizers`` and ``alignq_jax.correlation`` (see docs/design.md).
+Import as ``from alignq_jax import quantize``. The modules hold no math: they call the pure functions of a
+quantization method (``alignq_jax.methods``) and of ``alignq_jax.correlation`` (see docs/design.md).
+
+Configuration
+  * :class:`QuantConfig`: bits, method (a name or a method object), AlignQ's options and the correlation term.
+  * :class:`QuantRules`: per-layer configs by regular expressions on module paths (first match wins); every layer
+    takes a ``QuantConfig`` or a ``QuantRules`` as its ``config`` and resolves its own config from its path.
+    :func:`layer_report` lists which config each quantized layer got and which rules matched nothing.
 
 Linen
-  * :class:`QuantConv`, :class:`QuantDense`: ``nn.Conv`` / ``nn.Dense`` with the same constructor arguments plus
-    ``config``; the kernel is quantized on every forward (the stored parameter stays full precision).
-  * :class:`QuantActivation`: the activation quantizer; when ``config.correlation`` is on and the collection
-    ``GAP_COLLECTION`` is mutable, it records its B x B correlation gap there (a tuple, one gap per call), so a
-    train step collects every layer's gaps as one pytree with ``mutable=["batch_stats", GAP_COLLECTION]``;
-    :func:`gap_shapes` gives that pytree's shapes for ``ADMM.init`` (``init`` records no gaps).
-  * :func:`intercept_convs` / :func:`quantized_apply`: quantize the convs of an existing Linen model without
-    editing its source (Flax method interception).
+  * :class:`QuantConv`, :class:`QuantDense`: ``nn.Conv`` / ``nn.Dense`` whose conv/dot op is a quantizer module
+    (:class:`ConvQuantizer` / :class:`DotQuantizer`, plugged into Flax's ``conv_general_dilated_cls`` /
+    ``dot_general_cls``). It sees the kernel and the layer input: it quantizes the kernel, and for methods placed on
+    conv inputs (LSQ, PACT, ...) the input, and owns the method's learned parameters and running statistics.
+  * :class:`QuantBatchNorm`: BatchNorm, then (for methods placed there: AlignQ, uniform) the activation quantizer,
+    then the ReLU, fused. :class:`QuantActivation`: the activation quantizer alone.
+  * Correlation gaps: with ``config.correlation`` on and the collection ``GAP_COLLECTION`` mutable, the
+    activation quantizers record their B x B gaps there (a tuple per layer, one gap per call); :func:`gap_shapes`
+    gives their shapes for ``ADMM.init``.
+  * :func:`calibrate`: create the learned parameters and statistics of a quantized model from trained
+    full-precision variables and a real batch. :func:`intercept_convs` / :func:`quantized_apply`: quantize the
+    convs of an existing Linen model without editing its source.
 
 NNX
   * :class:`NNXQuantConv`, :class:`NNXQuantLinear`, :class:`NNXQuantActivation` with identical numerics; the gap
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,10 +44,14 @@ from flax.nnx.nn.dtypes import promote_dtype as nnx_promote_dtype
 
 from alignq_jax import correlation as _correlation
 from alignq_jax import quantizers as _q
+from alignq_jax.methods import BN_OUTPUT, CONV_INPUT, METHODS, BNOutputMethod, QuantMethod, get_method
 
 GAP_COLLECTION = "correlation_gaps"
+BN_MOMENTS_COLLECTION = "bn_moments"  # train-mode (mean, biased var) of every BatchNorm input, when mutable
+LAYERS_COLLECTION = "quantized_layers"  # a marker per quantization-aware layer, for layer_report
 CORRELATION_RNG = "correlation"  # RNG stream for the sampled-feature estimate of the gap
 CORRELATION_TARGETS = ("aligned", "quantized")
+_ALIGNQ_OPTIONS = ("levels", "act_range", "stop_stats_grad", "surrogate")  # QuantConfig fields of BN-output methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,27 +61,31 @@ class QuantConfig:
     Attributes:
       w_bits: weight bits of quantized convs/dense layers, 1..8 or 32.
       a_bits: activation bits, 1..8 or 32.
-      method: "alignq" (Gaussian-CDF alignment) or "uniform" (plain uniform baseline, docs/method.md §9).
-      levels: "exact" (k bits = at most 2^k levels, default) or "paper" (official grid, about one bit more).
-      act_range: A of the activation grid (-A, A); official 2.0.
-      correlation: record the correlation gap of every quantized activation (for the ADMM term).
+      method: a method name from ``alignq_jax.methods.METHODS`` ("alignq", "uniform", "absmax", "lsq", "pact",
+        "dorefa", "apot") or a method object with its own options (e.g. ``AbsMax(per_channel=True)``). Where the
+        activation quantizer sits is the method's ``placement``: after BatchNorm before the ReLU (alignq, uniform)
+        or on the input of every conv that follows a ReLU (the others).
+      levels, act_range, stop_stats_grad, surrogate: the options of alignq and uniform (docs/method.md §1-3):
+        "exact" (k bits = at most 2^k levels, default) or "paper" levels; A of the activation grid (-A, A), official
+        2.0; weight mean/std as constants in the gradient; None or (lam, lam2) for the soft-step weight gradient.
+        A method object of those two classes is normalised to its name plus these fields.
+      correlation: record the correlation gap of every quantized activation (for the ADMM term): True, False, or
+        None (default: whatever the training run decides, i.e. on with ADMM). Only methods placed after
+        BatchNorm define the term.
       correlation_target: "aligned" compares x with the unrounded aligned output (official code) or
         "quantized" with the rounded output (the paper's Theorem 3.2 is about X vs Q(X)).
       correlation_eps: stabiliser of the per-feature batch std.
       correlation_features: None (exact gap) or K: estimate each gap from at least K random feature columns per
         step: every channel, each at its own random grid of positions (an unbiased estimate of the gap, not of the
         ADMM penalty; the Flax layer then needs the RNG stream "correlation").
-      stop_stats_grad: treat the weight mean/std as constants in the gradient (official: False).
-      surrogate: None (straight-through rounding) or (lam, lam2) for the paper's soft-step weight gradient
-        (opt-in; docs/method.md §3).
     """
 
     w_bits: int = 32
     a_bits: int = 32
-    method: str = "alignq"
+    method: str | QuantMethod = "alignq"
     levels: str = "exact"
     act_range: float = 2.0
-    correlation: bool = False
+    correlation: bool | None = None
     correlation_target: str = "aligned"
     correlation_eps: float = 1e-5
     correlation_features: int | None = None
@@ -76,11 +95,32 @@ class QuantConfig:
     def __post_init__(self):
         _q.check_bits(self.w_bits)
         _q.check_bits(self.a_bits)
-        _q.get_quantizers(self.method)
+        method = self.method
+        if isinstance(method, BNOutputMethod):
+            self._absorb_options(method)
+            method = method.name
+            object.__setattr__(self, "method", method)
+        if isinstance(method, str):
+            if method not in METHODS:
+                raise ValueError(f"method must be one of {tuple(METHODS)} or a QuantMethod; got {method!r}")
+        elif not isinstance(method, QuantMethod):
+            raise ValueError(f"method must be a name or a QuantMethod; got {type(method).__name__}")
         _q.check_levels(self.levels)
         object.__setattr__(self, "act_range", _q.check_act_range(self.act_range))
-        if not isinstance(self.correlation, bool):
-            raise ValueError(f"correlation must be True or False; got {self.correlation!r}")
+        if self.surrogate is not None:
+            object.__setattr__(self, "surrogate", _q._check_surrogate(self.surrogate))
+        quantizer = self._build()
+        object.__setattr__(self, "_quantizer", quantizer)
+        for bits in (self.w_bits, self.a_bits):
+            if bits < 32:
+                quantizer.check_bits(bits)
+        if self.correlation not in (None, True, False):
+            raise ValueError(f"correlation must be True, False or None; got {self.correlation!r}")
+        if self.correlation and quantizer.placement != BN_OUTPUT:
+            raise ValueError(
+                f"the correlation term is defined for methods quantizing the BatchNorm output (alignq, uniform); "
+                f"{self.method_name} quantizes conv inputs"
+            )
         if self.correlation_target not in CORRELATION_TARGETS:
             raise ValueError(f"correlation_target must be one of {CORRELATION_TARGETS}; got {self.correlation_target!r}")
         if not self.correlation_eps > 0:
@@ -88,28 +128,76 @@ class QuantConfig:
         cf = self.correlation_features
         if cf is not None and (isinstance(cf, bool) or not isinstance(cf, int) or cf < 2):
             raise ValueError(f"correlation_features must be None or an int >= 2; got {cf!r}")
-        if self.surrogate is not None:
-            object.__setattr__(self, "surrogate", _q._check_surrogate(self.surrogate))
 
-    # The pure calls the layers make -------------------------------------------------------------------------
+    def _absorb_options(self, method: BNOutputMethod) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+        for name in _ALIGNQ_OPTIONS:
+            given, own = getattr(self, name), getattr(method, name)
+            if given != defaults[name] and given != own:
+                raise ValueError(f"QuantConfig.{name}={given!r} contradicts the method's {name}={own!r}")
+            object.__setattr__(self, name, own)
+
+    def _build(self) -> QuantMethod:
+        if not isinstance(self.method, str):
+            return self.method
+        if issubclass(METHODS[self.method], BNOutputMethod):
+            return get_method(self.method, **{name: getattr(self, name) for name in _ALIGNQ_OPTIONS})
+        return get_method(self.method)
+
+    # What the layers ask ------------------------------------------------------------------------------------
+    @property
+    def quantizer(self) -> QuantMethod:
+        """The method object (its options and pure functions)."""
+        return self._quantizer
+
+    @property
+    def method_name(self) -> str:
+        return self._quantizer.name
+
+    @property
+    def placement(self) -> str:
+        return self._quantizer.placement
+
+    @property
+    def quantizes_bn_output(self) -> bool:
+        return self.a_bits < 32 and self.placement == BN_OUTPUT
+
+    @property
+    def quantizes_conv_input(self) -> bool:
+        return self.a_bits < 32 and self.placement == CONV_INPUT
+
     @property
     def records_correlation(self) -> bool:
-        return self.correlation and self.a_bits < 32
+        return bool(self.correlation) and self.quantizes_bn_output
 
-    def quantize_weight(self, w):
-        """Quantized kernel (any shape), per tensor."""
-        fn = _q.get_quantizers(self.method).weight
-        return fn(w, self.w_bits, levels=self.levels, stop_stats_grad=self.stop_stats_grad, surrogate=self.surrogate)
+    # The config and rules interface (a single config is the rules with one default) ----------------------------
+    def resolve(self, path: str) -> "QuantConfig":
+        """The config of the layer at ``path``: this one."""
+        return self
+
+    def configs(self) -> tuple["QuantConfig", ...]:
+        return (self,)
+
+    def map(self, fn: Callable[["QuantConfig"], "QuantConfig"]) -> "QuantConfig":
+        return fn(self)
+
+    # The pure calls of the layers (BN-output methods: alignq, uniform) ----------------------------------------
+    def quantize_weight(self, w, params=None):
+        """Quantized kernel (any shape; output channel last) with the method's learned ``params`` (if any)."""
+        return self._quantizer.quantize_weight(params or {}, w, self.w_bits)
 
     def quantize_activation(self, x, relu=False):
-        """Quantized activations; ``relu`` fuses the ReLU that follows (same values, less backward memory)."""
-        fn = _q.get_quantizers(self.method).activation
-        return fn(x, self.a_bits, act_range=self.act_range, levels=self.levels, relu=relu)
+        """Quantized activations of a BN-output method; ``relu`` fuses the ReLU that follows."""
+        return self._bn_method().quantize_activation({}, x, self.a_bits, relu=relu)
 
     def quantize_activation_affine(self, h, scale, shift, relu=False):
         """``quantize_activation(h * scale + shift)`` with the per-channel affine folded in (less memory)."""
-        fn = _q.get_quantizers(self.method).activation_affine
-        return fn(h, scale, shift, self.a_bits, act_range=self.act_range, levels=self.levels, relu=relu)
+        return self._bn_method().quantize_activation_affine(h, scale, shift, self.a_bits, relu=relu)
+
+    def _bn_method(self) -> BNOutputMethod:
+        if not isinstance(self._quantizer, BNOutputMethod):
+            raise ValueError(f"{self.method_name} quantizes conv inputs, not the BatchNorm output")
+        return self._quantizer
 
     def correlation_gap(self, x, key=None, axis_name=None):
         """B x B gap between the quantizer input x (B, ...) and its aligned (or rounded, pre-ReLU) output.
@@ -152,7 +240,7 @@ class QuantConfig:
         if self.correlation_target == "quantized":
             target = self.quantize_activation(x)
         else:
-            target = _q.get_quantizers(self.method).align_activation(x, self.act_range)
+            target = self._bn_method().align_activation(x)
         if axis_name is not None:
             x = jax.lax.all_gather(x, axis_name, tiled=True)
             target = jax.lax.all_gather(target, axis_name, tiled=True)
@@ -160,76 +248,254 @@ class QuantConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class _QuantizedKernel:
-    """A layer's ``promote_dtype`` with the kernel (its second argument) quantized first.
+class QuantRules:
+    """Per-layer configs: ``rules`` is a sequence of (regex, QuantConfig); a layer takes the config of the first
+    rule whose regex is found (``re.search``) in its module path ("stage0_block0/conv0"), else ``default``.
 
-    Flax layers call ``promote_dtype(inputs, kernel, bias, dtype=self.dtype)`` right before the conv/dot, so the
-    kernel is quantized in its parameter dtype (float32 master weights even in a bfloat16 model) and only the
-    quantized values are cast to the compute dtype. Every conv/dot function (``conv_general_dilated``,
-    ``dot_general`` and the ``*_cls`` injection points) then receives the quantized kernel.
-    Hashable (Linen module fields must be), and unwrappable so a clone with another config does not wrap twice.
+    Example: keep the stem conv at 8 bits and the rest at 4::
+
+        QuantRules([("stem_conv|stem_bn", QuantConfig(8, 8)), ], default=QuantConfig(4, 4))
+
+    :func:`layer_report` says which layer got which config and which rules matched no layer.
     """
 
-    base: Callable
-    config: QuantConfig
-    packed: bool = False  # NNX passes the arrays as one tuple, Linen as separate arguments
+    rules: tuple[tuple[str, QuantConfig], ...] = ()
+    default: QuantConfig = QuantConfig()
 
-    def __call__(self, *args, **kwargs):
-        arrays = list(args[0] if self.packed else args)
-        if arrays[1] is not None:
-            arrays[1] = self.config.quantize_weight(arrays[1])
-        if self.packed:
-            return self.base(tuple(arrays), *args[1:], **kwargs)
-        return self.base(*arrays, **kwargs)
+    def __post_init__(self):
+        rules = []
+        for rule in self.rules:
+            if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+                raise ValueError(f"each rule must be a (regex, QuantConfig) pair; got {rule!r}")
+            pattern, config = rule
+            if not isinstance(pattern, str):
+                raise ValueError(f"a rule's pattern must be a string; got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"rule pattern {pattern!r} is not a regular expression: {e}") from None
+            if not isinstance(config, QuantConfig):
+                raise ValueError(f"rule {pattern!r}: config must be a QuantConfig; got {type(config).__name__}")
+            rules.append((pattern, config))
+        if not isinstance(self.default, QuantConfig):
+            raise ValueError(f"default must be a QuantConfig; got {type(self.default).__name__}")
+        object.__setattr__(self, "rules", tuple(rules))
 
-    @classmethod
-    def wrap(cls, fn, config, *, nnx_layer=False):
-        """``fn`` (a promote_dtype function; None: Flax's default) with the kernel quantized by ``config``. An
-        existing wrapper is replaced, and 32-bit weights get the unwrapped function back."""
-        base = fn.base if isinstance(fn, cls) else fn
-        if base is None:
-            base = nnx_promote_dtype if nnx_layer else linen_promote_dtype
-        if config.w_bits == 32:
-            return base
-        return cls(base, config, nnx_layer)
+    def match(self, path: str) -> int | None:
+        """Index of the first rule matching ``path``, None for the default."""
+        for i, (pattern, _) in enumerate(self.rules):
+            if re.search(pattern, path):
+                return i
+        return None
+
+    def resolve(self, path: str) -> QuantConfig:
+        i = self.match(path)
+        return self.default if i is None else self.rules[i][1]
+
+    def configs(self) -> tuple[QuantConfig, ...]:
+        return (*(c for _, c in self.rules), self.default)
+
+    def map(self, fn: Callable[[QuantConfig], QuantConfig]) -> "QuantRules":
+        """The same rules with every config replaced by ``fn(config)``."""
+        return QuantRules(tuple((p, fn(c)) for p, c in self.rules), fn(self.default))
 
 
-def _install_kernel_quantizer(module: nn.Module) -> None:
-    """Sets a Linen layer's ``promote_dtype`` field to the quantizing wrapper for ``module.config`` (frozen)."""
-    object.__setattr__(module, "promote_dtype", _QuantizedKernel.wrap(module.promote_dtype, module.config))
+def _check_config(config) -> None:
+    if not isinstance(config, (QuantConfig, QuantRules)):
+        raise ValueError(f"config must be a QuantConfig or QuantRules; got {type(config).__name__}")
+
+
+def module_path(module: nn.Module) -> str:
+    """A Linen module's path as the rules see it: names joined by "/" ("stage0_block0/conv0")."""
+    return "/".join(str(p) for p in module.path)
+
+
+def _mark_layer(module: nn.Module) -> None:
+    if module.is_mutable_collection(LAYERS_COLLECTION) and not module.is_initializing():
+        module.sow(LAYERS_COLLECTION, "layer", jnp.zeros((), jnp.int8))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """What :func:`layer_report` returns: each quantization-aware layer's path and config, and the patterns of
+    rules that matched no layer (a typo, or a layer that is not quantization-aware, such as a plain nn.Dense)."""
+
+    layers: dict[str, QuantConfig]
+    unmatched: tuple[str, ...]
+
+
+def layer_report(model: nn.Module, variables, *args, rngs=None, **kwargs) -> LayerReport:
+    """Which config each quantization-aware layer of ``model`` resolves to in ``model.apply(variables, *args,
+    **kwargs)``, and which rules of ``model.config`` matched none (computed abstractly: nothing runs)."""
+    rngs = {CORRELATION_RNG: jax.random.key(0), "params": jax.random.key(0), **(rngs or {})}
+
+    def run(variables):
+        return model.apply(variables, *args, mutable=True, rngs=rngs, **kwargs)[1].get(LAYERS_COLLECTION, {})
+
+    marks = jax.eval_shape(run, variables)
+    paths = []
+    for keys, _ in jax.tree_util.tree_flatten_with_path(marks)[0]:
+        names = [k.key for k in keys if isinstance(k, jax.tree_util.DictKey)][:-1]  # drop the "layer" name
+        if names and names[-1].startswith(("ConvQuantizer_", "DotQuantizer_")):
+            names = names[:-1]  # a conv/dot op reports as its layer
+        paths.append("/".join(names))
+    config = model.config
+    layers = {path: config.resolve(path) for path in paths}
+    unmatched: tuple[str, ...] = ()
+    if isinstance(config, QuantRules):
+        used = {config.match(path) for path in paths}
+        unmatched = tuple(p for i, (p, _) in enumerate(config.rules) if i not in used)
+    return LayerReport(layers, unmatched)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Linen
+# Linen: quantizer state owned by the layer that uses it
+
+
+def _learned(module: nn.Module, kind: str, names: tuple[str, ...], init: Callable[[], dict]) -> dict:
+    """The method's learned parameters as one Flax param ``kind`` (a dict), initialised from the tensor."""
+    if not names:
+        return {}
+
+    def make(_rng):
+        values = init()
+        if set(values) != set(names):
+            raise ValueError(f"{kind} parameters {sorted(values)} differ from the method's declared {sorted(names)}")
+        return {k: jnp.asarray(v, jnp.float32) for k, v in values.items()}
+
+    return module.param(kind, make)
+
+
+def _activation_state(module: nn.Module, method: QuantMethod, x, bits: int, use_running_average: bool,
+                      momentum: float) -> dict:
+    """Learned activation parameters plus running statistics (batch ones in training, running ones in evaluation;
+    the running average follows ``momentum`` like BatchNorm's and is updated only while "batch_stats" is mutable)."""
+    params = _learned(module, "activation", method.activation_params, lambda: method.init_activation(x, bits))
+    if not method.activation_stats:
+        return params
+
+    def batch_stats():
+        stats = jax.lax.stop_gradient(method.activation_batch_stats(x, bits))
+        return {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
+
+    running = module.variable("batch_stats", "activation", batch_stats)
+    if use_running_average:
+        return {**params, **running.value}
+    stats = batch_stats()
+    if not module.is_initializing() and module.is_mutable_collection("batch_stats"):
+        running.value = jax.tree.map(lambda r, b: momentum * r + (1.0 - momentum) * b, running.value, stats)
+    return {**params, **stats}
+
+
+def keep_kernel_dtype(inputs, kernel, bias=None, *, dtype=None, inexact=True):
+    """A ``promote_dtype`` for quantized layers: inputs and bias go to the compute dtype as Flax's would, the kernel
+    stays in its parameter dtype, so it is quantized from the float32 master weight (the quantizer op casts it)."""
+    if dtype is None:
+        dtype = jnp.result_type(*(a for a in (inputs, kernel, bias) if a is not None))
+    inputs, bias = linen_promote_dtype(inputs, bias, dtype=dtype, inexact=inexact)
+    return inputs, kernel, bias
+
+
+class _OperandQuantizer(nn.Module):
+    """Quantizes the operands of its parent layer's conv/dot: the kernel, and the input for methods placed on conv
+    inputs. Flax instantiates it inside the layer (``*_cls()``), so it reads its config from the parent and owns the
+    method's learned parameters ("weight", "activation") and statistics (batch_stats "activation")."""
+
+    def _quantize(self, lhs, rhs):
+        layer = self.parent
+        config = layer.config.resolve(module_path(layer))
+        _mark_layer(self)
+        method = config.quantizer
+        if config.w_bits < 32:
+            params = _learned(self, "weight", method.weight_params, lambda: method.init_weight(rhs, config.w_bits))
+            rhs = method.quantize_weight(params, rhs, config.w_bits)
+        if config.quantizes_conv_input and layer.quantize_input:
+            state = _activation_state(self, method, lhs, config.a_bits, layer.use_running_average,
+                                      layer.stats_momentum)
+            lhs = method.quantize_activation(state, lhs, config.a_bits)
+        return lhs, rhs.astype(lhs.dtype)
+
+
+class ConvQuantizer(_OperandQuantizer):
+    """The ``conv_general_dilated_cls`` of :class:`QuantConv`. Subclass and override :meth:`op` to run another
+    convolution on the quantized operands."""
+
+    @nn.compact
+    def __call__(self, lhs, rhs, *args, **kwargs):
+        lhs, rhs = self._quantize(lhs, rhs)
+        return self.op(lhs, rhs, *args, **kwargs)
+
+    def op(self, lhs, rhs, *args, **kwargs):
+        fn = self.parent.conv_general_dilated or jax.lax.conv_general_dilated
+        return fn(lhs, rhs, *args, **kwargs)
+
+
+class DotQuantizer(_OperandQuantizer):
+    """The ``dot_general_cls`` of :class:`QuantDense` (override :meth:`op` as for :class:`ConvQuantizer`)."""
+
+    @nn.compact
+    def __call__(self, lhs, rhs, *args, **kwargs):
+        lhs, rhs = self._quantize(lhs, rhs)
+        return self.op(lhs, rhs, *args, **kwargs)
+
+    def op(self, lhs, rhs, *args, **kwargs):
+        fn = self.parent.dot_general or jax.lax.dot_general
+        return fn(lhs, rhs, *args, **kwargs)
+
+
+def _check_op_cls(cls, base, field: str) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(
+            f"{field} is where the quantizer plugs in; give a subclass of {base.__name__} (override its op) or a "
+            f"plain function as {field.removesuffix('_cls')}; got {cls!r}"
+        )
 
 
 class QuantConv(nn.Conv):
-    """``nn.Conv`` whose kernel goes through ``config.quantize_weight`` (per tensor) on every forward.
+    """``nn.Conv`` (same arguments and parameter names) with ``config``: its conv op is a :class:`ConvQuantizer`.
 
-    The kernel is quantized in its parameter dtype before the cast to ``dtype`` (a bfloat16 layer convolves with
-    the float32-quantized kernel cast to bfloat16), through the layer's ``promote_dtype`` hook, so a custom
-    ``conv_general_dilated`` or ``conv_general_dilated_cls`` receives the quantized kernel too.
+    The kernel is quantized on every forward from the parameter dtype (float32 master weights in a bfloat16 layer;
+    only the quantized kernel is cast); for methods placed on conv inputs the input is quantized too, unless
+    ``quantize_input`` is False (the first conv, whose input is the image). A ``conv_general_dilated`` function
+    given to the layer receives the quantized operands.
+
+    Extra attributes:
+      config: a QuantConfig or QuantRules (resolved by this layer's path).
+      quantize_input: quantize the input for methods placed on conv inputs.
+      use_running_average: evaluation mode for the method's running statistics (absmax ranges).
+      stats_momentum: momentum of those running statistics (the model's BatchNorm momentum).
     """
 
-    config: QuantConfig = QuantConfig()
+    config: QuantConfig | QuantRules = QuantConfig()
+    quantize_input: bool = True
+    use_running_average: bool = False
+    stats_momentum: float = 0.9
+    promote_dtype: Any = keep_kernel_dtype
+    conv_general_dilated_cls: Any = ConvQuantizer
 
     def __post_init__(self):
-        _install_kernel_quantizer(self)
+        _check_config(self.config)
+        _check_op_cls(self.conv_general_dilated_cls, ConvQuantizer, "conv_general_dilated_cls")
         super().__post_init__()
 
 
 class QuantDense(nn.Dense):
-    """``nn.Dense`` whose kernel goes through ``config.quantize_weight`` on every forward (as in
-    :class:`QuantConv`: quantized in the parameter dtype, and ``dot_general``/``dot_general_cls`` see it)."""
+    """``nn.Dense`` with ``config`` and a :class:`DotQuantizer` as its dot op (as :class:`QuantConv`)."""
 
-    config: QuantConfig = QuantConfig()
+    config: QuantConfig | QuantRules = QuantConfig()
+    quantize_input: bool = True
+    use_running_average: bool = False
+    stats_momentum: float = 0.9
+    promote_dtype: Any = keep_kernel_dtype
+    dot_general_cls: Any = DotQuantizer
 
     def __post_init__(self):
-        _install_kernel_quantizer(self)
+        _check_config(self.config)
+        _check_op_cls(self.dot_general_cls, DotQuantizer, "dot_general_cls")
         super().__post_init__()
 
 
-def _record_gap(module: nn.Module, compute: Callable[[Any], Any]) -> None:
+def _record_gap(module: nn.Module, config: QuantConfig, compute: Callable[[Any], Any]) -> None:
     """Appends the B x B gap ``compute(key)`` to the layer's tuple "gap" in ``GAP_COLLECTION`` if it records gaps.
 
     A tuple with one gap per call (Flax's ``sow``), so a layer called on several batches in one ``apply`` (source
@@ -237,7 +503,6 @@ def _record_gap(module: nn.Module, compute: Callable[[Any], Any]) -> None:
     initialisation works with any batch (one sample has no batch correlation), and the variables it returns can
     be passed to ``apply`` without gaps from init accumulating there. :func:`gap_shapes` gives the gaps' shapes.
     """
-    config = module.config
     if not (config.records_correlation and module.is_mutable_collection(GAP_COLLECTION)):
         return
     if module.is_initializing():
@@ -261,49 +526,84 @@ def gap_shapes(model: nn.Module, variables, *args, rngs=None, **kwargs):
     return jax.eval_shape(run, variables)
 
 
+def calibrate(model: nn.Module, variables: dict, *args, rng=None, **kwargs) -> dict:
+    """``variables`` completed with every quantizer parameter and statistic they lack, initialised from the tensors
+    they quantize in ``model.apply(variables, *args, **kwargs)``: the kernels as they are in ``variables`` and
+    the activations of this real batch.
+
+    Use it to quantize a trained full-precision model (whose variables have no quantizer parameters): e.g.
+    ``calibrate(model, fp_variables, images, train=False)`` (evaluation mode: BatchNorm uses the trained statistics
+    and nothing already in ``variables`` changes).
+    """
+    rngs = {"params": rng if rng is not None else jax.random.key(0), CORRELATION_RNG: jax.random.key(0)}
+    _, created = model.apply(variables, *args, mutable=["params", "batch_stats"], rngs=rngs, **kwargs)
+    return {**variables, **created}
+
+
 class QuantActivation(nn.Module):
-    """Activation quantizer (place after BatchNorm, before ReLU; docs/method.md §7).
+    """The activation quantizer of ``config``'s method alone (BN-output methods: place after BatchNorm, before the
+    ReLU, docs/method.md §7; other methods: on a non-negative input).
 
     Records the B x B correlation gap into ``GAP_COLLECTION`` when ``config.correlation`` is on, a_bits < 32 and
     that collection is mutable (so evaluation does not pay for it): under the name "gap", a tuple with one gap per
     call in this ``apply``. ``init`` records none (so a model initialises with any batch; see :func:`gap_shapes`).
 
-    ``relu``: also apply the ReLU that follows (fused; the correlation gap still uses the pre-ReLU values).
+    ``relu``: also apply the ReLU that follows (fused for BN-output methods; the correlation gap still uses the
+    pre-ReLU values; before the quantizer for the others).
     ``axis_name``: inside ``shard_map``/``pmap``, all-gather the batch over this device axis first, so the gap is
     the global (B_global x B_global) one; None (default) keeps per-device correlations of the local batch.
     """
 
-    config: QuantConfig = QuantConfig()
+    config: QuantConfig | QuantRules = QuantConfig()
     axis_name: str | None = None
     relu: bool = False
+    use_running_average: bool = False
+    stats_momentum: float = 0.9
 
     @nn.compact
     def __call__(self, x):
-        q = self.config.quantize_activation(x, relu=self.relu)
-        _record_gap(self, lambda key: self.config.correlation_gap(x, key, self.axis_name))
-        return q
+        _check_config(self.config)
+        config = self.config.resolve(module_path(self))
+        _mark_layer(self)
+        if config.a_bits == 32:
+            return jax.nn.relu(x) if self.relu else x
+        if config.quantizes_bn_output:
+            q = config.quantize_activation(x, relu=self.relu)
+            _record_gap(self, config, lambda key: config.correlation_gap(x, key, self.axis_name))
+            return q
+        if self.relu:
+            x = jax.nn.relu(x)
+        state = _activation_state(self, config.quantizer, x, config.a_bits, self.use_running_average,
+                                  self.stats_momentum)
+        return config.quantizer.quantize_activation(state, x, config.a_bits)
 
 
 class QuantBatchNorm(nn.Module):
-    """BatchNorm -> activation quantizer (-> ReLU) in one module: the placement of every AlignQ model.
+    """BatchNorm -> activation quantizer (-> ReLU) in one module: AlignQ's placement.
 
     Same values as ``nn.BatchNorm`` followed by :class:`QuantActivation`, but the normalisation is folded into
     the quantizer's custom VJP, so the backward keeps the BN input instead of an extra copy of the BN output
-    (about one activation tensor less per quantized layer). Parameters ``scale``/``bias`` and statistics
-    ``mean``/``var`` have nn.BatchNorm's names. Running statistics follow PyTorch: momentum 0.1 (0.9 here) and
-    the unbiased batch variance for ``var`` (normalisation uses the biased one, as PyTorch does).
+    (about one activation tensor less per quantized layer). For methods placed on conv inputs (and at a_bits=32)
+    it is a plain BatchNorm (-> ReLU). Parameters ``scale``/``bias`` and statistics ``mean``/``var`` have
+    nn.BatchNorm's names. Running statistics follow PyTorch: ``momentum`` 0.9 here is PyTorch's 0.1, and ``var``
+    keeps the unbiased batch variance (normalisation uses the biased one, as PyTorch does). With ``momentum=0``
+    the statistics are the last batch's, which is what :func:`alignq_jax.training.reestimate_batch_stats`
+    averages over batches.
 
     Attributes:
-      config: the QuantConfig (a_bits=32 gives a plain BN, with ReLU if ``relu``).
+      config: a QuantConfig or QuantRules (resolved by this layer's path).
       use_running_average: evaluation mode (may also be passed at call time).
       relu: apply ReLU after the quantizer (fused).
+      momentum, epsilon: running-statistics momentum and variance epsilon.
       axis_name: device axis over which batch statistics are averaged (data parallel).
       correlation_axis_name: all-gather the batch over this axis for the correlation gap (global correlation).
 
-    The gap is recorded as by :class:`QuantActivation` (a tuple with one gap per call; none during ``init``).
+    The gap is recorded as by :class:`QuantActivation` (a tuple with one gap per call; none during ``init``). In
+    training mode, with the collection ``BN_MOMENTS_COLLECTION`` mutable, the batch's (mean, biased variance) are
+    recorded under "moments" (data-free calibration matches them to the running statistics).
     """
 
-    config: QuantConfig = QuantConfig()
+    config: QuantConfig | QuantRules = QuantConfig()
     use_running_average: bool | None = None
     relu: bool = False
     momentum: float = 0.9
@@ -315,6 +615,9 @@ class QuantBatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, h, use_running_average: bool | None = None):
+        _check_config(self.config)
+        config = self.config.resolve(module_path(self))
+        _mark_layer(self)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         c = h.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
@@ -337,13 +640,21 @@ class QuantBatchNorm(nn.Module):
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
                 ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
+                if self.is_mutable_collection(BN_MOMENTS_COLLECTION):
+                    self.sow(BN_MOMENTS_COLLECTION, "moments", (mean, var))
         # mul/shift stay float32 for any compute dtype: the quantizer then normalises and rounds in float32 and
         # only its result is cast back (a bf16 model quantizes exactly as float32 would, then casts).
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         shift = bias - mean * mul
+        if not config.quantizes_bn_output:
+            y = h.astype(jnp.float32) * mul + shift
+            return (jax.nn.relu(y) if self.relu else y).astype(h.dtype)
         axis = self.correlation_axis_name
-        _record_gap(self, lambda key: self.config.correlation_gap_affine(h, mul, shift, key, axis))
-        return self.config.quantize_activation_affine(h, mul, shift, relu=self.relu).astype(h.dtype)
+        _record_gap(self, config, lambda key: config.correlation_gap_affine(h, mul, shift, key, axis))
+        return config.quantize_activation_affine(h, mul, shift, relu=self.relu).astype(h.dtype)
+
+
+_HOOK_FIELDS = ("promote_dtype", "conv_general_dilated_cls", "dot_general_cls")
 
 
 def _interceptor(config: QuantConfig, include_dense: bool):
@@ -361,7 +672,7 @@ def _interceptor(config: QuantConfig, include_dense: bool):
         fields = {
             f.name: getattr(module, f.name)
             for f in dataclasses.fields(module)
-            if f.init and f.name not in ("parent", "name")
+            if f.init and f.name not in ("parent", "name", *_HOOK_FIELDS)
         }
         quantized = quantized_cls(**fields, config=config)
         return quantized.apply({"params": module.variables["params"]}, *args, **kwargs)
@@ -369,20 +680,34 @@ def _interceptor(config: QuantConfig, include_dense: bool):
     return intercept
 
 
+def _check_stateless(config: QuantConfig) -> None:
+    _check_config(config)
+    for c in config.configs():
+        m = c.quantizer
+        if m.weight_params or m.activation_params or m.activation_stats:
+            raise ValueError(
+                f"intercept_convs cannot keep the learned parameters or statistics of {c.method_name}; build the "
+                f"model from QuantConv layers instead"
+            )
+
+
 @contextlib.contextmanager
 def intercept_convs(config: QuantConfig, *, include_dense: bool = False):
     """Context manager: every plain ``nn.Conv`` (and ``nn.Dense`` if asked) called inside runs quantized.
 
-    The parameters keep their names and full-precision values; only the forward uses the quantized kernel, so
-    an existing model trains quantization-aware without editing its source. Activations are not touched (place
-    :class:`QuantActivation` for those).
+    The parameters keep their names and full-precision values; only the forward uses the quantized kernel (and
+    input, for methods placed on conv inputs), so an existing model trains quantization-aware without editing its
+    source. Methods that learn parameters or keep statistics need QuantConv layers in the model (ValueError).
+    BatchNorm outputs are not touched (place :class:`QuantActivation` for those).
     """
+    _check_stateless(config)
     with nn.intercept_methods(_interceptor(config, include_dense)):
         yield
 
 
 def quantized_apply(model: nn.Module, config: QuantConfig, *, include_dense: bool = False) -> Callable[..., Any]:
     """``model.apply`` with its convs quantized (see :func:`intercept_convs`); a pure function to jit."""
+    _check_stateless(config)
 
     def apply(variables, *args, **kwargs):
         with intercept_convs(config, include_dense=include_dense):
@@ -400,29 +725,127 @@ class CorrelationGap(nnx.Variable):
     when a layer sees several batches per step)."""
 
 
-class NNXQuantConv(nnx.Conv):
-    """``nnx.Conv`` (same arguments) plus ``config``: the kernel is quantized on every forward, in its parameter
-    dtype, through the ``promote_dtype`` hook (a ``promote_dtype`` passed in is wrapped)."""
+class QuantizerStat(nnx.BatchStat):
+    """A running statistic of a method's activation quantizer (absmax ranges) in an NNX layer."""
 
-    def __init__(self, *args, config: QuantConfig = QuantConfig(), promote_dtype=None, **kwargs):
-        super().__init__(*args, promote_dtype=_QuantizedKernel.wrap(promote_dtype, config, nnx_layer=True), **kwargs)
+
+@dataclasses.dataclass(frozen=True)
+class _QuantizedKernel:
+    """An NNX layer's ``promote_dtype`` with the kernel (second array) quantized first, in its parameter dtype
+    (float32 master weights even in a bfloat16 layer), with this call's learned parameters."""
+
+    base: Callable
+    config: QuantConfig
+    params: Any = None
+
+    def __call__(self, arrays, *args, **kwargs):
+        arrays = list(arrays)
+        if arrays[1] is not None:
+            arrays[1] = self.config.quantize_weight(arrays[1], self.params)
+        return self.base(tuple(arrays), *args, **kwargs)
+
+
+class _NNXQuantized:
+    """What NNXQuantConv and NNXQuantLinear share: quantizer parameters as ``weight_<name>`` / ``activation_<name>``
+    Params and ``activation_<name>`` QuantizerStats of the layer. Weight parameters are initialised from the kernel
+    at construction; activation parameters and statistics from the first input (call the layer once on a real
+    batch outside a transform first). ``use_running_average`` (set by ``model.eval()``) selects the running
+    statistics."""
+
+    def _setup(self, config: QuantConfig, quantize_input: bool, stats_momentum: float):
+        _check_config(config)
+        if isinstance(config, QuantRules):
+            raise ValueError("NNX layers take a QuantConfig (rules resolve module paths, a Linen notion)")
         self.config = config
+        self.quantize_input = quantize_input
+        self.stats_momentum = stats_momentum
+        self.use_running_average = False
+        method = config.quantizer
+        if config.w_bits < 32:
+            for name, value in method.init_weight(self.kernel.get_value(), config.w_bits).items():
+                setattr(self, f"weight_{name}", nnx.Param(jnp.asarray(value, jnp.float32)))
+
+    def _values(self, kind: str, names) -> dict:
+        return {name: getattr(self, f"{kind}_{name}").get_value() for name in names}
+
+    def _quantize_input(self, x):
+        config, method = self.config, self.config.quantizer
+        if not (config.quantizes_conv_input and self.quantize_input):
+            return x
+        bits = config.a_bits
+        names = (*method.activation_params, *method.activation_stats)
+        if names and not hasattr(self, f"activation_{names[0]}"):
+            for name, value in method.init_activation(x, bits).items():
+                setattr(self, f"activation_{name}", nnx.Param(jnp.asarray(value, jnp.float32)))
+            for name, value in method.activation_batch_stats(x, bits).items():
+                setattr(self, f"activation_{name}", QuantizerStat(jnp.asarray(value, jnp.float32)))
+        state = self._values("activation", method.activation_params)
+        if method.activation_stats:
+            if self.use_running_average:
+                state.update(self._values("activation", method.activation_stats))
+            else:
+                batch = jax.lax.stop_gradient(method.activation_batch_stats(x, bits))
+                m = self.stats_momentum
+                for name, value in batch.items():
+                    stat = getattr(self, f"activation_{name}")
+                    stat.set_value(m * stat.get_value() + (1.0 - m) * value)
+                state.update(batch)
+        return method.quantize_activation(state, x, bits)
+
+    def _forward(self, base_call, x):
+        x = self._quantize_input(x)
+        if self.config.w_bits == 32:
+            return base_call(self, x)
+        params = self._values("weight", self.config.quantizer.weight_params)
+        plain = self.promote_dtype
+        self.promote_dtype = _QuantizedKernel(plain, self.config, params)
+        try:
+            return base_call(self, x)
+        finally:
+            self.promote_dtype = plain
 
 
-class NNXQuantLinear(nnx.Linear):
-    """``nnx.Linear`` (same arguments) plus ``config``: the kernel is quantized on every forward, as in
-    :class:`NNXQuantConv`."""
+def _nnx_keep_kernel_dtype(arrays, *, dtype=None, inexact=True):
+    inputs, kernel, bias = arrays
+    if dtype is None:
+        dtype = jnp.result_type(*(a for a in arrays if a is not None))
+    inputs, bias = nnx_promote_dtype((inputs, bias), dtype=dtype, inexact=inexact)
+    return inputs, kernel, bias
 
-    def __init__(self, *args, config: QuantConfig = QuantConfig(), promote_dtype=None, **kwargs):
-        super().__init__(*args, promote_dtype=_QuantizedKernel.wrap(promote_dtype, config, nnx_layer=True), **kwargs)
-        self.config = config
+
+class NNXQuantConv(_NNXQuantized, nnx.Conv):
+    """``nnx.Conv`` (same arguments) plus ``config``: the kernel (and, for methods placed on conv inputs, the input
+    unless ``quantize_input=False``) is quantized on every forward, the kernel from its parameter dtype."""
+
+    def __init__(self, *args, config: QuantConfig = QuantConfig(), quantize_input: bool = True,
+                 stats_momentum: float = 0.9, promote_dtype=None, **kwargs):
+        super().__init__(*args, promote_dtype=promote_dtype or _nnx_keep_kernel_dtype, **kwargs)
+        self._setup(config, quantize_input, stats_momentum)
+
+    def __call__(self, x):
+        return self._forward(nnx.Conv.__call__, x)
+
+
+class NNXQuantLinear(_NNXQuantized, nnx.Linear):
+    """``nnx.Linear`` (same arguments) plus ``config``, quantized as :class:`NNXQuantConv`."""
+
+    def __init__(self, *args, config: QuantConfig = QuantConfig(), quantize_input: bool = True,
+                 stats_momentum: float = 0.9, promote_dtype=None, **kwargs):
+        super().__init__(*args, promote_dtype=promote_dtype or _nnx_keep_kernel_dtype, **kwargs)
+        self._setup(config, quantize_input, stats_momentum)
+
+    def __call__(self, x):
+        return self._forward(nnx.Linear.__call__, x)
 
 
 class NNXQuantActivation(nnx.Module):
-    """NNX activation quantizer; stores the correlation gap in ``self.gap`` when ``record_correlation``."""
+    """NNX activation quantizer of a BN-output method (alignq, uniform); stores the correlation gap in
+    ``self.gap`` when ``record_correlation``."""
 
     def __init__(self, config: QuantConfig = QuantConfig(), *, relu: bool = False, record_correlation: bool = True,
                  rngs=None):
+        if config.a_bits < 32 and not config.quantizes_bn_output:
+            raise ValueError(f"{config.method_name} quantizes conv inputs: use NNXQuantConv(config=...) for it")
         self.config = config
         self.relu = relu
         self.record_correlation = record_correlation
@@ -432,6 +855,8 @@ class NNXQuantActivation(nnx.Module):
         self.rngs = rngs
 
     def __call__(self, x):
+        if self.config.a_bits == 32:
+            return jax.nn.relu(x) if self.relu else x
         q = self.config.quantize_activation(x, relu=self.relu)
         if self.config.records_correlation and self.record_correlation:
             key = self.rngs[CORRELATION_RNG]() if self.config.correlation_features else None

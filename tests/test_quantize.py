@@ -79,11 +79,9 @@ def test_quant_dense_uses_quantized_kernel():
     np.testing.assert_allclose(dense.apply(v, x), ref, atol=1e-5)
 
 
-def test_clone_with_other_config_does_not_wrap_twice():
+def test_clone_with_other_config_quantizes_with_the_new_config():
     conv = quantize.QuantConv(4, (1, 1), config=CFG)
     other = conv.clone(config=quantize.QuantConfig(w_bits=2))
-    assert other.promote_dtype.config.w_bits == 2
-    assert not isinstance(other.promote_dtype.base, type(conv.promote_dtype))
     x = jax.random.normal(jax.random.key(21), (2, 3, 3, 2))
     v = other.init(jax.random.key(22), x)
     w2 = quantizers.alignq_weight(v["params"]["kernel"], 2)
@@ -94,36 +92,39 @@ def test_clone_with_other_config_does_not_wrap_twice():
     np.testing.assert_array_equal(fp.apply(v, x), nn.Conv(4, (1, 1)).apply(v, x))
 
 
-class _RecordingConv:
-    """A ``conv_general_dilated_cls`` / ``dot_general_cls`` stand-in: records the kernel it is given."""
+def _recording_op(base, fn, seen):
+    """A quantizer op subclass (the documented way to run another conv/dot) that records the kernel it gets."""
 
-    seen = []
+    class Recording(base):
+        def op(self, lhs, rhs, *args, **kwargs):
+            seen.append(rhs)
+            return fn(lhs, rhs, *args, **kwargs)
 
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, lhs, rhs, *args, **kwargs):
-        _RecordingConv.seen.append(rhs)
-        return self.fn(lhs, rhs, *args, **kwargs)
+    return Recording
 
 
 @pytest.mark.parametrize("layer", ["conv", "dense"])
 def test_injection_point_cls_receives_the_quantized_kernel(layer):
-    """Flax prefers ``*_cls`` over the conv/dot function: quantization must not be bypassed by it."""
-    _RecordingConv.seen.clear()
+    """The quantizer is Flax's ``*_cls`` injection point: an op subclass runs on the quantized kernel, and any
+    other class there is refused (it would bypass quantization)."""
+    seen = []
     if layer == "conv":
-        cls = lambda: _RecordingConv(jax.lax.conv_general_dilated)  # noqa: E731
+        cls = _recording_op(quantize.ConvQuantizer, jax.lax.conv_general_dilated, seen)
         mod = quantize.QuantConv(3, (3, 3), config=CFG, conv_general_dilated_cls=cls)
         plain, x = nn.Conv(3, (3, 3)), X
+        with pytest.raises(ValueError, match="conv_general_dilated_cls"):
+            quantize.QuantConv(3, (3, 3), config=CFG, conv_general_dilated_cls=lambda: jax.lax.conv_general_dilated)
     else:
-        cls = lambda: _RecordingConv(jax.lax.dot_general)  # noqa: E731
+        cls = _recording_op(quantize.DotQuantizer, jax.lax.dot_general, seen)
         mod = quantize.QuantDense(3, config=CFG, dot_general_cls=cls)
         plain, x = nn.Dense(3), X.reshape(4, -1)
+        with pytest.raises(ValueError, match="dot_general_cls"):
+            quantize.QuantDense(3, config=CFG, dot_general_cls=lambda: jax.lax.dot_general)
     v = mod.init(jax.random.key(23), x)
-    _RecordingConv.seen.clear()
+    seen.clear()
     out = mod.apply(v, x)
     wq = quantizers.alignq_weight(v["params"]["kernel"], 4)
-    np.testing.assert_array_equal(_RecordingConv.seen[-1], wq)
+    np.testing.assert_array_equal(seen[-1], wq)
     np.testing.assert_allclose(out, plain.apply({"params": {**v["params"], "kernel": wq}}, x), atol=1e-5)
 
 

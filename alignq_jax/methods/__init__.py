@@ -1,5 +1,29 @@
-"""Quantization methods by name: AlignQ, the paper's uniform baseline and the published baselines."""
+"""Quantization methods by name: AlignQ, the paper's uniform baseline and the published baselines.
 
+``get_method(name, **options)`` builds a method (a frozen config with pure functions, see
+``alignq_jax.methods.base.QuantMethod``); ``METHODS`` maps every name to its class.
+"""
+
+from __future__ import annotations
+
+from alignq_jax.methods.alignq import AlignQ, BNOutputMethod, Uniform
+from alignq_jax.methods.apot import APoT
 from alignq_jax.methods.base import BN_OUTPUT, CONV_INPUT, PLACEMENTS, QuantMethod
+from alignq_jax.methods.dorefa import DoReFa
 
-__all__ = ["BN_OUTPUT", "CONV_INPUT", "PLACEMENTS", "QuantMethod"]
+METHODS: dict[str, type[QuantMethod]] = {cls.name: cls for cls in (AlignQ, Uniform, DoReFa, APoT)}
+
+
+def get_method(name: str, **options) -> QuantMethod:
+    """The method called ``name`` with its options (dataclass fields), e.g. ``get_method("lsq")``."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {tuple(METHODS)}; got {name!r}") from None
+    return cls(**options)
+
+
+__all__ = [
+    "APoT", "AlignQ", "BNOutputMethod", "DoReFa", "BN_OUTPUT", "CONV_INPUT", "METHODS", "PLACEMENTS", "QuantMethod", "Uniform",
+    "get_method",
+]

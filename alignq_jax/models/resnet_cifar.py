@@ -1,8 +1,15 @@
-"""CIFAR ResNet-20/56 with AlignQ's quantizer placement (docs/method.md §7).
+"""CIFAR ResNet-20/56 with each method's quantizer placement (docs/method.md §7).
 
-Post-activation basic blocks: conv -> BN -> Q -> ReLU -> conv -> BN -> Q -> (+ shortcut) -> ReLU. Every conv is
-quantized (stem and stride-2 1x1 shortcut convs too); the shortcut conv is followed by BN -> Q (no ReLU); the
-identity shortcut has no padding trick. The input image, block outputs and the final Dense stay full precision.
+Post-activation basic blocks: conv -> BN -> ReLU -> conv -> BN -> (+ shortcut) -> ReLU, with the stride-2 1x1
+shortcut conv followed by BN (no ReLU). Every conv is quantized (stem and shortcut convs too) and the final Dense
+stays full precision. Where the activation quantizer sits is the method's placement:
+
+* after BatchNorm, before the ReLU (AlignQ, uniform): conv -> BN -> Q -> ReLU, the shortcut BN -> Q, the block
+  outputs and the input image unquantized (the official code's placement);
+* on conv inputs (LSQ, PACT, DoReFa, APoT, absmax): every conv but the stem quantizes its input, which follows a
+  ReLU (a block input, or the ReLU inside the block); the image is not quantized.
+
+``config`` is a QuantConfig or QuantRules (per-layer configs by module path, e.g. "stem_conv").
 With ``QuantConfig()`` (32 bits) this is the plain FP network.
 """
 
@@ -14,19 +21,20 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignq_jax.quantize import QuantBatchNorm, QuantConfig, QuantConv
+from alignq_jax.quantize import QuantBatchNorm, QuantConfig, QuantConv, QuantRules
 
 # PyTorch BatchNorm2d defaults: momentum 0.1 there is 0.9 here; eps 1e-5.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def bn_quant(config: QuantConfig, train: bool, axis_name: str | None, correlation_axis_name: str | None, **kwargs):
-    """BN -> activation quantizer (-> ReLU with relu=True) as one ``QuantBatchNorm`` (docs/method.md §7)."""
+def bn_quant(config, train: bool, axis_name: str | None, correlation_axis_name: str | None, *,
+             momentum: float = BN_MOMENTUM, **kwargs):
+    """BN (-> activation quantizer for BN-output methods) (-> ReLU with relu=True) as one ``QuantBatchNorm``."""
     return QuantBatchNorm(
         config,
         use_running_average=not train,
-        momentum=BN_MOMENTUM,
+        momentum=momentum,
         epsilon=BN_EPSILON,
         axis_name=axis_name if train else None,
         correlation_axis_name=correlation_axis_name,
@@ -34,25 +42,29 @@ def bn_quant(config: QuantConfig, train: bool, axis_name: str | None, correlatio
     )
 
 
-def conv_factory(config: QuantConfig, dtype: Any):
-    """Quantized conv with PyTorch-like settings for CIFAR ResNets (no bias, Kaiming-normal init)."""
+def conv_factory(config, dtype: Any, train: bool = True, momentum: float = BN_MOMENTUM):
+    """Quantized conv with PyTorch-like settings for CIFAR ResNets (no bias, Kaiming-normal init). ``train`` and
+    ``momentum`` drive the running statistics some methods keep for their input quantizer."""
     return partial(
-        QuantConv, config=config, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), dtype=dtype
+        QuantConv, config=config, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), dtype=dtype,
+        use_running_average=not train, stats_momentum=momentum,
     )
 
 
 class BasicBlock(nn.Module):
     features: int
     strides: int
-    config: QuantConfig
+    config: QuantConfig | QuantRules
     bn_axis_name: str | None = None
     correlation_axis_name: str | None = None
     dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv = conv_factory(self.config, self.dtype)
-        bn_q = partial(bn_quant, self.config, train, self.bn_axis_name, self.correlation_axis_name)
+        conv = conv_factory(self.config, self.dtype, train, self.bn_momentum)
+        bn_q = partial(bn_quant, self.config, train, self.bn_axis_name, self.correlation_axis_name,
+                       momentum=self.bn_momentum)
         y = conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv0")(x)
         y = bn_q(relu=True, name="bn0")(y)  # conv -> BN -> Q -> ReLU
         y = conv(self.features, (3, 3), padding=1, name="conv1")(y)
@@ -64,21 +76,25 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs: 16-32-64 channels, n blocks per stage."""
+    """ResNet-(6n+2) for 32x32 inputs: 16-32-64 channels, n blocks per stage. ``bn_momentum``: the running-statistics
+    momentum of every BatchNorm (and of quantizer statistics), 0.9 = PyTorch's 0.1."""
 
     blocks_per_stage: int
-    config: QuantConfig = QuantConfig()
+    config: QuantConfig | QuantRules = QuantConfig()
     num_classes: int = 10
     widths: Sequence[int] = (16, 32, 64)
     bn_axis_name: str | None = None
     correlation_axis_name: str | None = None
     dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = x.astype(self.dtype)
-        x = conv_factory(self.config, self.dtype)(self.widths[0], (3, 3), padding=1, name="stem_conv")(x)
-        x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, relu=True, name="stem_bn")(x)
+        stem = conv_factory(self.config, self.dtype, train, self.bn_momentum)
+        x = stem(self.widths[0], (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)  # the image
+        x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, momentum=self.bn_momentum,
+                     relu=True, name="stem_bn")(x)
         for stage, width in enumerate(self.widths):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
@@ -89,6 +105,7 @@ class CifarResNet(nn.Module):
                     self.bn_axis_name,
                     self.correlation_axis_name,
                     self.dtype,
+                    self.bn_momentum,
                     name=f"stage{stage}_block{block}",
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))

@@ -108,6 +108,25 @@ def process_train_batches(config: TrainConfig, dataset, epoch_index: int):
     return dataset.train_batches(rows, seed=config.seed, epoch=epoch_index, **_shard_kwargs())
 
 
+def first_train_images(config: TrainConfig, dataset) -> np.ndarray:
+    """The images of the first training batch of epoch 1 (process 0's rows on every process): the real batch that
+    quantizer parameters and statistics are initialised from (``create_train_state``'s ``init_images``)."""
+    batches = process_train_batches(config, dataset, 0)
+    try:
+        images = np.asarray(next(iter(batches))["image"], np.float32)
+    except StopIteration:
+        raise ValueError("the training set yields no batch: it is smaller than the batch size") from None
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        images = np.asarray(multihost_utils.broadcast_one_to_all(images))  # identical initial parameters
+    return images
+
+
 def _checkpoint_manager(workdir: Path):
     import orbax.checkpoint as ocp
 
@@ -372,7 +391,7 @@ def fit(
     steps = make_steps(config, dataset.num_classes, steps_per_epoch)
     state = create_train_state(
         config, dataset.image_shape, dataset.num_classes, steps_per_epoch, gap_batch=steps.gap_batch,
-        init_variables=init_variables,
+        init_variables=init_variables, init_images=first_train_images(config, dataset),
     )
     state = canonical_state(steps, state)
     if config.admm and init_variables is not None and init_variables.get("admm_state") is not None:

@@ -12,7 +12,7 @@ import optax
 
 from alignq_jax.admm import ADMM, MODES as ADMM_MODES
 from alignq_jax.models import MODELS, get_model
-from alignq_jax.quantize import CORRELATION_RNG, QuantConfig, gap_shapes
+from alignq_jax.quantize import CORRELATION_RNG, QuantConfig, QuantRules, calibrate, gap_shapes
 
 PARALLEL_MODES = ("auto", "none", "shard_map", "pmap")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -30,7 +30,9 @@ class TrainConfig:
 
     Attributes:
       model: "resnet20", "resnet56" or "small_cnn".
-      quant: the QuantConfig (bits, method, levels, ...). ``admm=True`` switches its correlation recording on.
+      quant: a QuantConfig (bits, method, levels, ...) or QuantRules (per-layer configs). ``admm=True`` switches
+        correlation recording on in every config that leaves it open (``correlation=None``) and quantizes
+        BatchNorm outputs; ``correlation=False`` in a rule keeps the term off that layer.
       epochs, batch_size, eval_batch_size: loop sizes (global batch over all devices).
       lr, momentum, weight_decay, milestones, lr_decay: SGD with PyTorch-style L2 decay added to the gradient
         and a MultiStep schedule (milestones in epochs).
@@ -68,8 +70,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {tuple(MODELS)}; got {self.model!r}")
-        if not isinstance(self.quant, QuantConfig):
-            raise ValueError(f"quant must be a QuantConfig; got {type(self.quant).__name__}")
+        if not isinstance(self.quant, (QuantConfig, QuantRules)):
+            raise ValueError(f"quant must be a QuantConfig or QuantRules; got {type(self.quant).__name__}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             _positive(name, getattr(self, name), int)
         _positive("lr", self.lr)
@@ -90,13 +92,19 @@ class TrainConfig:
             _positive("num_devices", self.num_devices, int)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}; got {self.dtype!r}")
-        if self.admm and self.quant.a_bits == 32:
-            raise ValueError("admm=True needs quantized activations (quant.a_bits < 32): the term compares them")
-        if self.admm and not self.quant.correlation:
-            object.__setattr__(self, "quant", dataclasses.replace(self.quant, correlation=True))
-        if not self.admm and self.quant.correlation:
-            # Recording gaps nobody uses only costs time.
-            object.__setattr__(self, "quant", dataclasses.replace(self.quant, correlation=False))
+        if self.admm and not any(c.quantizes_bn_output for c in self.quant.configs()):
+            raise ValueError(
+                "admm=True needs activations quantized after BatchNorm (a_bits < 32 with alignq or uniform): the "
+                "term compares them"
+            )
+        object.__setattr__(self, "quant", self.quant.map(self._with_correlation))
+
+    def _with_correlation(self, config: QuantConfig) -> QuantConfig:
+        if self.admm and config.correlation is None and config.quantizes_bn_output:
+            return dataclasses.replace(config, correlation=True)
+        if not self.admm and config.correlation:
+            return dataclasses.replace(config, correlation=False)  # gaps nobody uses only cost time
+        return config
 
     def make_admm(self) -> ADMM:
         return ADMM(mode=self.admm_mode, mu=self.admm_mu, rho=self.admm_rho)
@@ -148,21 +156,35 @@ def create_train_state(
     *,
     gap_batch: int,
     init_variables: dict | None = None,
+    init_images=None,
 ) -> TrainState:
     """Fresh state (no device axis). ``gap_batch`` = batch size the correlation gaps have (per device or global).
 
+    ``init_images``: a real training batch (N, H, W, C), N >= 1: methods with learned quantizer parameters or
+    statistics (LSQ steps, PACT clips, absmax ranges) initialise them from the tensors of this batch. None: a batch
+    of zeros, which only methods without such state accept.
     ``init_variables``: {"params", "batch_stats"} to start from (e.g. the FP32 run before quantization-aware
-    training); names must match, which they do between bit-widths of the same model.
+    training); names must match, which they do between bit-widths of the same model. Quantizer parameters and
+    statistics that ``init_variables`` lack (a full-precision run has none) are initialised from its kernels and
+    from ``init_images`` passed through it in evaluation mode (``alignq_jax.quantize.calibrate``).
     """
     key = jax.random.key(config.seed)
     init_key, admm_key, rng = jax.random.split(key, 3)
     model = make_model(config, num_classes)
     dummy = jnp.zeros((gap_batch, *image_shape), jnp.float32)
-    variables = jax.jit(lambda k: model.init({"params": k, CORRELATION_RNG: k}, dummy, train=True))(init_key)
+    if init_images is None:
+        _check_no_quantizer_state(config.quant)
+        images = dummy
+    else:
+        images = jnp.asarray(init_images, jnp.float32)
+        if images.ndim != 4 or images.shape[1:] != tuple(image_shape) or images.shape[0] < 1:
+            raise ValueError(f"init_images must be (N, {', '.join(map(str, image_shape))}); got {images.shape}")
+    variables = jax.jit(lambda k, x: model.init({"params": k, CORRELATION_RNG: k}, x, train=True))(init_key, images)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     if init_variables is not None:
-        params = _restore_like(params, init_variables["params"], "params")
-        batch_stats = _restore_like(batch_stats, init_variables.get("batch_stats", {}), "batch_stats")
+        params, batch_stats = _restore_and_calibrate(
+            model, params, batch_stats, init_variables, images, init_key
+        )
     tx = make_optimizer(config, steps_per_epoch)
     admm_state = None
     if config.admm:
@@ -176,6 +198,65 @@ def create_train_state(
         step=jnp.zeros((), jnp.int32),
         rng=rng,
     )
+
+
+def _has_quantizer_state(quant) -> bool:
+    return any(
+        c.quantizer.weight_params or c.quantizer.activation_params or c.quantizer.activation_stats
+        for c in quant.configs()
+        if c.w_bits < 32 or c.a_bits < 32
+    )
+
+
+def _check_no_quantizer_state(quant) -> None:
+    if _has_quantizer_state(quant):
+        names = sorted({c.method_name for c in quant.configs()})
+        raise ValueError(f"{', '.join(names)} initialise quantizer parameters from data: pass init_images")
+
+
+def _restore_and_calibrate(model, params, batch_stats, init_variables, images, key):
+    """``init_variables`` restored onto the model's variables; quantizer state they lack (only that may be
+    missing) is initialised from them on ``images`` (evaluation mode)."""
+    loaded_params = init_variables["params"]
+    loaded_stats = init_variables.get("batch_stats", {})
+    if _structure(params) == _structure(loaded_params) and _structure(batch_stats) == _structure(loaded_stats):
+        return _restore_like(params, loaded_params, "params"), _restore_like(batch_stats, loaded_stats, "batch_stats")
+    restored = {
+        "params": _restore_subset(params, loaded_params, "params"),
+        "batch_stats": _restore_subset(batch_stats, loaded_stats, "batch_stats"),
+    }
+    full = jax.jit(lambda v, x: calibrate(model, v, x, rng=key, train=False))(restored, images)
+    return full["params"], full.get("batch_stats", {})
+
+
+def _structure(tree):
+    return jax.tree.structure(jax.tree.map(lambda x: 0, tree))
+
+
+def _quantizer_key(key: str) -> bool:
+    return key.startswith(("ConvQuantizer_", "DotQuantizer_")) or key == "activation"
+
+
+def _restore_subset(template: dict, loaded: dict, what: str, path: str = "") -> dict:
+    """``loaded`` checked against ``template``: every entry of ``loaded`` must exist there with its shape, and
+    entries missing from ``loaded`` must be quantizer state (they are then left out, to be calibrated)."""
+    out = {}
+    for key, value in template.items():
+        where = f"{path}/{key}" if path else key
+        if key not in loaded:
+            if not _quantizer_key(key):
+                raise ValueError(f"init checkpoint {what} lack {where!r}: was it trained with another model?")
+            continue
+        if isinstance(value, dict):
+            if not isinstance(loaded[key], dict):
+                raise ValueError(f"init checkpoint {what} {where!r} is an array where the model has a subtree")
+            out[key] = _restore_subset(value, loaded[key], what, where)
+        else:
+            out[key] = _restore_like(value, loaded[key], what)
+    extra = sorted(set(loaded) - set(template))
+    if extra:
+        raise ValueError(f"init checkpoint {what} have {extra} under {path or 'the root'!r}, which the model lacks")
+    return out
 
 
 def _restore_like(template, loaded, what):
