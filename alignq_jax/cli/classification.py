@@ -29,7 +29,8 @@ from alignq_jax.admm import MODES as ADMM_MODES
 from alignq_jax.cli import report
 from alignq_jax.models import MODELS
 from alignq_jax.quantize import QuantConfig
-from alignq_jax.quantizers import ALLOWED_BITS, LEVEL_MODES, QUANTIZERS
+from alignq_jax.methods import METHODS
+from alignq_jax.quantizers import ALLOWED_BITS, LEVEL_MODES
 from alignq_jax.training.loop import interrupts_outside
 
 try:
@@ -71,7 +72,8 @@ def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
                    help="weight and activation bit-width of the quantized model")
     p.add_argument("--epochs", type=int, default=200, help="epochs of each quantization-aware stage")
     p.add_argument("--fp-epochs", type=int, default=200, help="epochs of the FP32 stage (not with --init-from)")
-    p.add_argument("--method", default="alignq", choices=sorted(QUANTIZERS), help="quantizer")
+    p.add_argument("--method", default="alignq", choices=sorted(METHODS),
+                   help="quantization method (alignq, the paper's uniform, or a published baseline)")
     p.add_argument("--admm", action=argparse.BooleanOptionalAction, default=None,
                    help="correlation preservation with ADMM (AlignQ's CRP term). Default: on for alignq, off for "
                         "the baselines (--admm turns it on for them too)")
@@ -511,7 +513,7 @@ def stage_record(name: str, bits: int, config, result, seconds: float, carried: 
     return {
         "stage": name,
         "bits": bits,
-        "method": config.quant.method if not fp else "fp32",
+        "method": config.quant.method_name if not fp else "fp32",
         "levels": config.quant.levels,
         **levels,
         "admm": config.admm,
@@ -579,7 +581,7 @@ def run(args, stages, session: Session, out=print) -> dict:
             if admm_state is not None:
                 init_variables["admm_state"] = admm_state
         resume_stage = args.resume and _has_checkpoint_steps(stage_dir / "checkpoints")
-        out(f"stage {name}: {bits} bits, {config.epochs} epochs, method {config.quant.method}, "
+        out(f"stage {name}: {bits} bits, {config.epochs} epochs, method {config.quant.method_name}, "
             f"ADMM {f'{config.admm_mode}, state {carried}' if config.admm else 'off'}"
             f"{', resuming' if resume_stage else ''}")
         start = time.perf_counter()

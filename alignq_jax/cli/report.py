@@ -51,24 +51,33 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 def level_counts(quant, *, samples: int = LEVEL_SAMPLES) -> dict[str, int | None]:
     """How many distinct values ``quant``'s quantizers output, measured (None for 32 bits).
 
-    Weights: ``quant.quantize_weight`` on ``samples`` standard-normal values (a per-tensor CDF/grid uses all its
-    levels on such a tensor). Activations: ``quant.quantize_activation(x, relu=True)`` on a dense linspace over
-    (-2A, 2A), A = ``act_range``; relu=True because the models put the activation quantizer right before a ReLU,
-    so that is what a stored activation can be. A grid without clipping (the uniform baseline's paper-mode
-    weights, round(n*w)/n) has as many levels as the weights' range allows: on N(0, 1) that is far more than a
-    trained layer's small weights use (122 at 4 bits).
+    Weights: the method's weight quantizer on ``samples`` standard-normal values, with its learned parameters
+    initialised from them (a per-tensor CDF/grid uses all its levels on such a tensor). Activations of methods
+    placed after BatchNorm: ``quant.quantize_activation(x, relu=True)`` on a dense linspace over (-2A, 2A),
+    A = ``act_range``; relu=True because the models put that quantizer right before a ReLU, so that is what a
+    stored activation can be. Methods placed on conv inputs: their activation quantizer on a dense linspace over
+    [0, 8) (a post-ReLU input), with parameters and statistics initialised from it. A grid without clipping (the
+    uniform baseline's paper-mode weights, round(n*w)/n) has as many levels as the weights' range allows: on
+    N(0, 1) that is far more than a trained layer's small weights use (122 at 4 bits).
 
     Returns: {"weight_levels": int | None, "activation_levels": int | None}.
     """
     import jax.numpy as jnp
 
+    method = quant.quantizer
     counts: dict[str, int | None] = {"weight_levels": None, "activation_levels": None}
     if quant.w_bits != 32:
         w = jax.random.normal(jax.random.key(0), (samples,), jnp.float32)
-        counts["weight_levels"] = int(np.unique(np.asarray(quant.quantize_weight(w))).size)
-    if quant.a_bits != 32:
+        wq = method.quantize_weight(method.init_weight(w, quant.w_bits), w, quant.w_bits)
+        counts["weight_levels"] = int(np.unique(np.asarray(wq)).size)
+    if quant.quantizes_bn_output:
         x = jnp.linspace(-2 * quant.act_range, 2 * quant.act_range, samples, dtype=jnp.float32)
         counts["activation_levels"] = int(np.unique(np.asarray(quant.quantize_activation(x, relu=True))).size)
+    elif quant.quantizes_conv_input:
+        x = jnp.linspace(0.0, 8.0, samples, dtype=jnp.float32)[None, :]
+        bits = quant.a_bits
+        state = {**method.init_activation(x, bits), **method.activation_batch_stats(x, bits)}
+        counts["activation_levels"] = int(np.unique(np.asarray(method.quantize_activation(state, x, bits))).size)
     return counts
 
 
