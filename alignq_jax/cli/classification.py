@@ -59,7 +59,7 @@ class RunError(Exception):
     """An expected runtime failure with a message that says what to do (exit 1, no traceback)."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):
         # None means "resolved later" (the help text says how) and False is an off switch: "(default: None)" or
         # "(default: False)" would only add noise.
@@ -67,7 +67,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--bits", type=int, default=4, choices=[b for b in ALLOWED_BITS if b != 32],
                    help="weight and activation bit-width of the quantized model")
     p.add_argument("--epochs", type=int, default=200, help="epochs of each quantization-aware stage")
@@ -163,9 +163,9 @@ def default_workdir(args) -> Path:
     return Path("runs") / name
 
 
-def settings_of(args) -> dict:
-    """What defines the run's results: every flag except RUN_FLAGS (JSON values)."""
-    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in RUN_FLAGS}))
+def settings_of(args, run_flags: tuple[str, ...] = RUN_FLAGS) -> dict:
+    """What defines the run's results: every flag except ``run_flags`` (JSON values)."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in run_flags}))
 
 
 def stage_plan(args) -> list[tuple[str, int]]:
@@ -366,7 +366,7 @@ def _looks_like_run(workdir: Path) -> bool:
     )
 
 
-def apply_saved_settings(args, explicit: set[str], workdir: Path) -> dict:
+def apply_saved_settings(args, explicit: set[str], workdir: Path, run_flags: tuple[str, ...] = RUN_FLAGS) -> dict:
     """--resume: takes the saved settings for every flag not given and refuses given flags that differ."""
     path = workdir / SETTINGS_FILE
     if not workdir.is_dir():
@@ -377,7 +377,7 @@ def apply_saved_settings(args, explicit: set[str], workdir: Path) -> dict:
             "this command, or stopped before training began); start it again with --overwrite"
         )
     saved = json.loads(path.read_text())
-    given = settings_of(args)
+    given = settings_of(args, run_flags)
     conflicts = [
         f"{flag(k)}: saved {saved['settings'][k]!r}, given {given[k]!r}"
         for k in sorted(explicit & set(saved["settings"]) & set(given))
@@ -416,7 +416,7 @@ def check_workdir(args, workdir: Path) -> None:
         )
 
 
-def _clear(workdir: Path) -> None:
+def clear_workdir(workdir: Path) -> None:
     for entry in _entries(workdir):
         target = workdir / entry
         if target.is_dir() and not target.is_symlink():
@@ -486,16 +486,16 @@ class Session:
     command: str = ""
 
 
-def resume_command(workdir: Path, argv0: str, extra: list[str]) -> str:
+def resume_command(workdir: Path, argv0: str, extra: list[str], default_script: str = "experiments/cifar10.py") -> str:
     """The command line that continues the run in ``workdir``: the script as it was started (``argv0``: a .py
-    file, or an installed command such as alignq-cifar10), else experiments/cifar10.py."""
+    file, or an installed command such as alignq-cifar10), else ``default_script``."""
     name = os.path.basename(argv0)
     if argv0.endswith(".py"):
         head = ["python", argv0]
     elif name and shutil.which(name):
         head = [name]
     else:
-        head = ["python", "experiments/cifar10.py"]
+        head = ["python", default_script]
     return shlex.join([*head, "--resume", "--workdir", str(workdir), *extra])
 
 
@@ -695,7 +695,7 @@ def main(argv=None, *, dataset: str = "cifar10", description: str = __doc__) -> 
         with workdir_lock(workdir), interrupts_outside():
             session.workdir = workdir
             if args.overwrite and _process()[0] == 0:
-                _clear(workdir)
+                clear_workdir(workdir)
             _sync("workdir cleared")
             run(args, stages, session)
     except KeyboardInterrupt as e:
