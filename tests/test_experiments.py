@@ -295,3 +295,21 @@ def test_readme_usage_example_runs():
     namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace.get("checked") is True  # the example ends by setting checked = True after its asserts
+
+
+def test_digits_demo_runs_any_registered_method(tmp_path, capsys):
+    """--methods takes the baselines too: each variant is trained from the FP32 model with its own method, and its
+    measured level counts are its grid's (DoReFa at 4 bits: 16 weight and 16 activation values)."""
+    from alignq_jax.cli.digits_demo import main
+
+    workdir = tmp_path / "digits"
+    assert main(["--bits", "4", "--fp-epochs", "1", "--epochs", "1", "--seeds", "1", "--limit-train", "256",
+                 "--methods", "dorefa", "uniform+admm", "--workdir", str(workdir), "--no-progress"]) == 0
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["summary"]) == {"fp32", "dorefa", "uniform+admm"}
+    assert results["levels"]["dorefa"] == {"weight_levels": 16, "activation_levels": 16}
+    for bad in (["--methods", "dorefa+admm"], ["--methods", "apot", "--bits", "8"], ["--methods", "dorefa", "dorefa"]):
+        with pytest.raises(SystemExit) as e:
+            main([*bad, "--workdir", str(tmp_path / "bad")])
+        assert e.value.code == 2
+    assert not (tmp_path / "bad").exists()

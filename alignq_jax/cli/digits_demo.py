@@ -1,7 +1,8 @@
 """Offline demo on real data: scikit-learn's 8x8 digits (1,797 real images, fixed stratified split).
 
-For every seed: train the FP32 SmallCNN, then fine-tune it quantization-aware at ``--bits`` with the plain
-uniform quantizer, AlignQ (CDF only) and AlignQ + ADMM (the paper's protocol: QAT starts from the FP32 model).
+For every seed: train the FP32 SmallCNN, then fine-tune it quantization-aware at ``--bits`` with each of
+``--methods`` (default: the paper's uniform quantizer, AlignQ (CDF only) and AlignQ + ADMM; any registered method
+can be added, e.g. lsq or absmax), the paper's protocol: QAT starts from the FP32 model.
 Every model is evaluated on the clean test split and on shifted copies (brightness, contrast, blend). Prints a
 table (mean +- std over seeds) and writes results.json, results.md and a plot to ``--workdir``.
 """
@@ -18,15 +19,24 @@ import numpy as np
 
 from alignq_jax.admm import MODES as ADMM_MODES
 from alignq_jax.cli import report
+from alignq_jax.methods import METHODS
 from alignq_jax.quantize import QuantConfig
 from alignq_jax.quantizers import ALLOWED_BITS, LEVEL_MODES
 
-VARIANTS = ("fp32", "uniform", "alignq", "alignq+admm")
+DEFAULT_METHODS = ("uniform", "alignq", "alignq+admm")
+METHOD_CHOICES = (*sorted(METHODS), "alignq+admm", "uniform+admm")
+
+
+def variants(args) -> tuple[str, ...]:
+    """The FP32 model, then every QAT variant of ``--methods`` ("<method>" or "<method>+admm")."""
+    return ("fp32", *args.methods)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--bits", type=int, default=4, choices=[b for b in ALLOWED_BITS if b != 32])
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHOD_CHOICES,
+                   help="quantization-aware variants trained from the FP32 model (+admm: with the correlation term)")
     p.add_argument("--fp-epochs", type=int, default=15, help="epochs of the FP32 model")
     p.add_argument("--epochs", type=int, default=10, help="quantization-aware fine-tuning epochs")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
@@ -47,13 +57,13 @@ def variant_config(args, variant: str, seed: int):
 
     fp = variant == "fp32"
     quant = QuantConfig() if fp else QuantConfig(
-        w_bits=args.bits, a_bits=args.bits, method="uniform" if variant == "uniform" else "alignq", levels=args.levels
+        w_bits=args.bits, a_bits=args.bits, method=variant.removesuffix("+admm"), levels=args.levels
     )
     epochs = args.fp_epochs if fp else args.epochs
     return TrainConfig(
         model="small_cnn", quant=quant, epochs=epochs, batch_size=args.batch_size, eval_batch_size=150,
         lr=args.lr if fp else args.lr / 3, milestones=(int(0.7 * epochs),) if epochs > 2 else (),
-        weight_decay=1e-4, admm=variant == "alignq+admm", admm_mode=args.admm_mode,
+        weight_decay=1e-4, admm=variant.endswith("+admm"), admm_mode=args.admm_mode,
         admm_weight=args.admm_weight, seed=seed, parallel="none",
     )
 
@@ -76,7 +86,7 @@ def run(args, out=print) -> dict:
     progress = not args.no_progress and sys.stderr.isatty()
     for seed in range(args.seeds):
         fp_result = None
-        for variant in VARIANTS:
+        for variant in variants(args):
             config = variant_config(args, variant, seed)
             init = None
             if fp_result is not None:
@@ -99,14 +109,14 @@ def run(args, out=print) -> dict:
                 histories[variant] = result.history
             out(f"seed {seed} {variant:12s} " + "  ".join(f"{k} {v:.4f}" for k, v in record["last_epoch"].items()))
 
-    summary = summarise(runs, list(test_sets))
+    summary = summarise(runs, list(test_sets), variants(args))
     headers = ["variant", "levels (weights / activations)"] + [f"{k} (%)" for k in test_sets] + [
         "best epoch clean (%)"]
     rows = [
         [v, "-" if v == "fp32" else f"{levels[v]['weight_levels']} / {levels[v]['activation_levels']}"]
         + [f"{100 * summary[v][k][0]:.2f} ± {100 * summary[v][k][1]:.2f}" for k in test_sets]
         + [f"{100 * summary[v]['best_epoch_clean'][0]:.2f}"]
-        for v in VARIANTS
+        for v in variants(args)
     ]
     table = report.markdown_table(headers, rows)
     elapsed = time.perf_counter() - start
@@ -137,10 +147,10 @@ def run(args, out=print) -> dict:
     return results
 
 
-def summarise(runs, test_sets) -> dict:
+def summarise(runs, test_sets, variant_names) -> dict:
     """{variant: {test set: (mean, std), "best_epoch_clean": (mean, std)}} over seeds."""
     summary = {}
-    for variant in VARIANTS:
+    for variant in variant_names:
         mine = [r for r in runs if r["variant"] == variant]
         entry = {}
         for k in test_sets:
@@ -170,19 +180,20 @@ def plot_summary(path: Path, summary: dict, test_sets, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(summary)
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(VARIANTS)
+    width = 0.8 / len(names)
     x = np.arange(len(test_sets))
-    for i, variant in enumerate(VARIANTS):
+    for i, variant in enumerate(names):
         means = [100 * summary[variant][k][0] for k in test_sets]
         stds = [100 * summary[variant][k][1] for k in test_sets]
-        ax.bar(x + (i - (len(VARIANTS) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=variant)
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=variant)
     ax.set_xticks(x, test_sets)
     ax.set_ylabel("test accuracy (%)")
     report.set_wrapped_title(
         ax, f"digits, SmallCNN, {args.bits}-bit ({args.levels} levels; alignq+admm: ADMM {args.admm_mode}): "
         "clean and shifted test sets, mean ± std over seeds", fontsize=9, width=100)
-    ax.legend(ncol=len(VARIANTS), fontsize=8, loc="lower left")
+    ax.legend(ncol=min(len(names), 5), fontsize=8, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +208,12 @@ def validate_args(args) -> None:
     if args.lr <= 0 or args.admm_weight <= 0:
         bad = "--lr" if args.lr <= 0 else "--admm-weight"
         raise ValueError(f"{bad} must be positive; got {args.lr if bad == '--lr' else args.admm_weight}")
+    if len(set(args.methods)) != len(args.methods):
+        raise ValueError(f"--methods lists a method twice: {' '.join(args.methods)}")
+    for method in args.methods:
+        if method.endswith("+admm") and METHODS[method.removesuffix("+admm")].placement != "bn_output":
+            raise ValueError(f"{method}: the correlation term needs a method quantizing the BatchNorm output")
+        QuantConfig(args.bits, args.bits, method=method.removesuffix("+admm"), levels=args.levels)  # bits it defines
     if args.limit_train is not None and args.limit_train < 1:
         raise ValueError(f"--limit-train must be at least 1 (leave it out for all); got {args.limit_train}")
 
