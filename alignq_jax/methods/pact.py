@@ -99,7 +99,10 @@ def dorefa_weight(w, bits: int) -> jax.Array:
 def _pact(x, alpha, bits):
     a = jnp.maximum(alpha, MIN_ALPHA)
     n = 2.0**bits - 1.0
-    return jnp.round(jnp.clip(x, 0.0, a) * (n / a)) * (a / n)
+    code = jnp.round(jnp.clip(x, 0.0, a) * (n / a))
+    # alpha * (1/n), not alpha / n: under jit XLA turns a division by the constant n into a multiply by its
+    # reciprocal, eagerly it divides, 1 ulp apart; written as the multiply, jit and eager give the same bits.
+    return code * (a * (1.0 / n))
 
 
 def _pact_fwd(x, alpha, bits):
