@@ -367,16 +367,20 @@ def _learned(module: nn.Module, kind: str, names: tuple[str, ...], init: Callabl
 
 
 def _activation_state(module: nn.Module, method: QuantMethod, x, bits: int, use_running_average: bool,
-                      momentum: float) -> dict:
+                      momentum: float, axis_name: str | None = None) -> dict:
     """Learned activation parameters plus running statistics (batch ones in training, running ones in evaluation;
-    the running average follows ``momentum`` like BatchNorm's and is updated only while "batch_stats" is mutable)."""
+    the running average follows ``momentum`` like BatchNorm's and is updated only while "batch_stats" is mutable;
+    with ``axis_name`` the batch statistics are the global batch's, combined by the method over the devices)."""
     params = _learned(module, "activation", method.activation_params, lambda: method.init_activation(x, bits))
     if not method.activation_stats:
         return params
 
     def batch_stats():
         stats = jax.lax.stop_gradient(method.activation_batch_stats(x, bits))
-        return {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
+        stats = {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
+        if axis_name is not None and not module.is_initializing():
+            stats = method.reduce_activation_stats(stats, axis_name)
+        return stats
 
     running = module.variable("batch_stats", "activation", batch_stats)
     if use_running_average:
@@ -411,7 +415,7 @@ class _OperandQuantizer(nn.Module):
             rhs = method.quantize_weight(params, rhs, config.w_bits)
         if config.quantizes_conv_input and layer.quantize_input:
             state = _activation_state(self, method, lhs, config.a_bits, layer.use_running_average,
-                                      layer.stats_momentum)
+                                      layer.stats_momentum, layer.stats_axis_name)
             lhs = method.quantize_activation(state, lhs, config.a_bits)
         return lhs, rhs.astype(lhs.dtype)
 
@@ -464,12 +468,14 @@ class QuantConv(nn.Conv):
       quantize_input: quantize the input for methods placed on conv inputs.
       use_running_average: evaluation mode for the method's running statistics (absmax ranges).
       stats_momentum: momentum of those running statistics (the model's BatchNorm momentum).
+      stats_axis_name: device axis over which their batch values are combined (data parallel, as BatchNorm's).
     """
 
     config: QuantConfig | QuantRules = QuantConfig()
     quantize_input: bool = True
     use_running_average: bool = False
     stats_momentum: float = 0.9
+    stats_axis_name: str | None = None
     promote_dtype: Any = keep_kernel_dtype
     conv_general_dilated_cls: Any = ConvQuantizer
 
@@ -486,6 +492,7 @@ class QuantDense(nn.Dense):
     quantize_input: bool = True
     use_running_average: bool = False
     stats_momentum: float = 0.9
+    stats_axis_name: str | None = None
     promote_dtype: Any = keep_kernel_dtype
     dot_general_cls: Any = DotQuantizer
 
@@ -559,6 +566,7 @@ class QuantActivation(nn.Module):
     relu: bool = False
     use_running_average: bool = False
     stats_momentum: float = 0.9
+    stats_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -574,7 +582,7 @@ class QuantActivation(nn.Module):
         if self.relu:
             x = jax.nn.relu(x)
         state = _activation_state(self, config.quantizer, x, config.a_bits, self.use_running_average,
-                                  self.stats_momentum)
+                                  self.stats_momentum, self.stats_axis_name)
         return config.quantizer.quantize_activation(state, x, config.a_bits)
 
 

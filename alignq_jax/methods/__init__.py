@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
+from alignq_jax.methods.absmax import AbsMax
 from alignq_jax.methods.alignq import AlignQ, BNOutputMethod, Uniform
 from alignq_jax.methods.apot import APoT
 from alignq_jax.methods.base import BN_OUTPUT, CONV_INPUT, PLACEMENTS, QuantMethod
 from alignq_jax.methods.dorefa import DoReFa
+from alignq_jax.methods.lsq import LSQ
+from alignq_jax.methods.pact import PACT
 
-METHODS: dict[str, type[QuantMethod]] = {cls.name: cls for cls in (AlignQ, Uniform, DoReFa, APoT)}
+METHODS: dict[str, type[QuantMethod]] = {
+    cls.name: cls for cls in (AlignQ, Uniform, AbsMax, LSQ, PACT, DoReFa, APoT)
+}
 
 
 def get_method(name: str, **options) -> QuantMethod:
@@ -24,6 +29,6 @@ def get_method(name: str, **options) -> QuantMethod:
 
 
 __all__ = [
-    "APoT", "AlignQ", "BNOutputMethod", "DoReFa", "BN_OUTPUT", "CONV_INPUT", "METHODS", "PLACEMENTS", "QuantMethod", "Uniform",
+    "APoT", "AbsMax", "AlignQ", "BNOutputMethod", "DoReFa", "LSQ", "PACT", "BN_OUTPUT", "CONV_INPUT", "METHODS", "PLACEMENTS", "QuantMethod", "Uniform",
     "get_method",
 ]

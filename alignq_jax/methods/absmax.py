@@ -219,6 +219,13 @@ class AbsMax(QuantMethod):
         _check_bits(bits)
         return {"range": activation_range(x, percentile=self.percentile)}
 
+    def reduce_activation_stats(self, stats: dict, axis_name: str) -> dict:
+        """The global batch's range from the per-device ones: the max of maxima is exact (so 1 device == N
+        devices); a percentile does not combine, so per-device percentiles are averaged (an approximation)."""
+        if self.percentile is None:
+            return jax.lax.pmax(stats, axis_name)
+        return jax.lax.pmean(stats, axis_name)
+
     def quantize_activation(self, params: dict, x, bits: int) -> jax.Array:
         """x: (B, ..., C); ``params["range"]``: () the batch's (training) or running (evaluation) range."""
         return absmax_activation(x, params["range"], bits)

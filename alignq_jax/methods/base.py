@@ -61,3 +61,7 @@ class QuantMethod:
 
     def quantize_activation(self, params: dict, x: jax.Array, bits: int) -> jax.Array:
         raise NotImplementedError
+
+    def reduce_activation_stats(self, stats: dict, axis_name: str) -> dict:
+        """This batch's statistics combined over the devices of ``axis_name`` (data parallel); default: the mean."""
+        return jax.lax.pmean(stats, axis_name)

@@ -42,12 +42,14 @@ def bn_quant(config, train: bool, axis_name: str | None, correlation_axis_name: 
     )
 
 
-def conv_factory(config, dtype: Any, train: bool = True, momentum: float = BN_MOMENTUM):
-    """Quantized conv with PyTorch-like settings for CIFAR ResNets (no bias, Kaiming-normal init). ``train`` and
-    ``momentum`` drive the running statistics some methods keep for their input quantizer."""
+def conv_factory(config, dtype: Any, train: bool = True, momentum: float = BN_MOMENTUM,
+                 axis_name: str | None = None):
+    """Quantized conv with PyTorch-like settings for CIFAR ResNets (no bias, Kaiming-normal init). ``train``,
+    ``momentum`` and ``axis_name`` (BatchNorm's) drive the running statistics some methods keep for their input
+    quantizer."""
     return partial(
         QuantConv, config=config, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), dtype=dtype,
-        use_running_average=not train, stats_momentum=momentum,
+        use_running_average=not train, stats_momentum=momentum, stats_axis_name=axis_name if train else None,
     )
 
 
@@ -62,7 +64,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv = conv_factory(self.config, self.dtype, train, self.bn_momentum)
+        conv = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
         bn_q = partial(bn_quant, self.config, train, self.bn_axis_name, self.correlation_axis_name,
                        momentum=self.bn_momentum)
         y = conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv0")(x)
@@ -91,7 +93,7 @@ class CifarResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = x.astype(self.dtype)
-        stem = conv_factory(self.config, self.dtype, train, self.bn_momentum)
+        stem = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
         x = stem(self.widths[0], (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)  # the image
         x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, momentum=self.bn_momentum,
                      relu=True, name="stem_bn")(x)

@@ -27,7 +27,7 @@ class SmallCNN(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = x.astype(self.dtype)
-        conv = conv_factory(self.config, self.dtype, train, self.bn_momentum)
+        conv = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
         for i, (width, stride) in enumerate(zip(self.widths, self.strides)):
             x = conv(width, (3, 3), strides=stride, padding=1, quantize_input=i > 0, name=f"conv{i}")(x)
             x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, momentum=self.bn_momentum,
