@@ -11,3 +11,8 @@ __all__ = [
 from alignq_jax.training.loop import BatchStreams, FitResult, evaluate, evaluate_datasets, fit, load_variables, train_on_arrays  # noqa: E402
 
 __all__ += ["BatchStreams", "FitResult", "evaluate", "evaluate_datasets", "fit", "load_variables", "train_on_arrays"]
+
+from alignq_jax.training.batchnorm import batch_stats_paths, reestimate_batch_stats  # noqa: E402
+from alignq_jax.training.trained import TrainedModel  # noqa: E402
+
+__all__ += ["TrainedModel", "batch_stats_paths", "reestimate_batch_stats"]

@@ -27,25 +27,65 @@ import numpy as np
 
 from alignq_jax.admm import ADMMState
 from alignq_jax.data import ArrayDataset
-from alignq_jax.training.state import TrainConfig, TrainState, create_train_state
+from alignq_jax.training.batchnorm import reestimate_batch_stats
+from alignq_jax.training.state import TrainConfig, TrainState, create_train_state, make_model
 from alignq_jax.training.steps import Steps, canonical_state, make_steps, process_batch_size
+from alignq_jax.training.trained import TrainedModel
+
+RUNNING, REESTIMATED = "running", "reestimated"  # which BatchNorm statistics a test accuracy was measured with
 
 
 @dataclasses.dataclass
 class FitResult:
-    """What ``fit`` returns: per-epoch history, the last and best epochs, and the final state (canonical layout)."""
+    """What ``fit`` returns: per-epoch history, the last and best epochs, and the final state (canonical layout).
+
+    ``last`` is the final epoch's record with the headline test accuracy: measured with BatchNorm statistics
+    re-estimated after training when ``config.bn_reestimate_batches`` > 0 (``last["bn_statistics"] ==
+    "reestimated"``), else with the training-time running statistics ("running");
+    ``last["test_accuracy_running_stats"]`` is always the latter. History records say the same per epoch
+    ("reestimated" only with ``config.bn_reestimate_every_epoch``). ``best`` is the history record with the highest
+    "test_accuracy".
+
+    ``trained`` / ``trained_raw``: the model to use (``TrainedModel``), with the re-estimated / the training-time
+    statistics. ``num_classes`` and ``reestimated_batch_stats`` are filled in by ``fit``.
+    """
 
     history: list[dict]
     last: dict
     best: dict
     state: TrainState
     config: TrainConfig
+    num_classes: int | None = None
+    reestimated_batch_stats: Any = None
+
+    @property
+    def trained(self) -> TrainedModel:
+        """The final model, BatchNorm statistics re-estimated when the config says so (else as ``trained_raw``)."""
+        if self.reestimated_batch_stats is None:
+            return self.trained_raw
+        return self.trained_raw.with_batch_stats(self.reestimated_batch_stats)
+
+    @property
+    def trained_raw(self) -> TrainedModel:
+        """The final model with the running statistics accumulated during training."""
+        if self.num_classes is None:
+            raise ValueError("this FitResult has no num_classes (it was not made by fit): build TrainedModel yourself")
+        model = make_model(self.config, self.num_classes)
+        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        return TrainedModel(model, variables, self.config, self.num_classes)
 
     def summary(self) -> dict:
+        """Headline numbers: last-epoch test accuracy (and which BN statistics it used, and the accuracy with the
+        training-time statistics), best epoch."""
+        last = self.last
         return {
-            "last_epoch_test_accuracy": self.last["test_accuracy"],
+            "last_epoch_test_accuracy": last["test_accuracy"],
+            "last_epoch_test_accuracy_running_stats": last.get("test_accuracy_running_stats", last["test_accuracy"]),
+            "bn_statistics": last.get("bn_statistics", RUNNING),
+            "bn_reestimate_batches": last.get("bn_reestimate_batches", 0),
             "best_epoch_test_accuracy": self.best["test_accuracy"],
             "best_epoch": self.best["epoch"],
+            "best_epoch_bn_statistics": self.best.get("bn_statistics", RUNNING),
             "epochs": len(self.history),
         }
 
@@ -368,6 +408,13 @@ def fit(
     Epochs are numbered from 1 everywhere: history records, ``FitResult.best["epoch"]``, ``steps.jsonl``,
     checkpoint numbers (checkpoint E holds the state after epoch E).
 
+    BatchNorm re-estimation (``config.bn_reestimate_batches`` > 0, the default): after the last epoch the BN and
+    quantizer running statistics are recomputed with the final weights (``reestimate_for_fit``) and
+    ``FitResult.last["test_accuracy"]`` is measured with them; the training-time statistics' accuracy stays in
+    ``last["test_accuracy_running_stats"]`` and ``last["bn_statistics"]`` says which is the headline. With
+    ``config.bn_reestimate_every_epoch`` every history record is measured so. Checkpoints keep the training state
+    (running statistics), so resuming continues training exactly; the history with its records is in their meta.
+
     Args:
       workdir: if given: ``metrics.jsonl`` (one line per epoch), ``steps.jsonl`` (every step), Orbax checkpoints
         after every epoch, ``config.json`` (with several processes, process 0 writes the logs). Without
@@ -418,6 +465,7 @@ def fit(
             (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
     log_dir = workdir if primary else None
 
+    reestimated = None  # the re-estimated batch_stats of the last epoch run (every-epoch re-estimation)
     try:
         placed = steps.place_state(state)
         end = config.epochs if stop_after_epochs is None else min(config.epochs, epochs_done + stop_after_epochs)
@@ -425,28 +473,98 @@ def fit(
             placed, record = _run_epoch(
                 config, dataset, steps, placed, epoch, steps_per_epoch, log_dir, progress and primary
             )
+            host = None
+            if config.bn_reestimate_every_epoch:
+                host = steps.host_state(placed)
+                record, reestimated = _reestimated_record(config, dataset, steps, host, record)
+            else:
+                record = {**record, "bn_statistics": RUNNING}
             history.append(record)
             if workdir is not None:
                 if log_dir is not None:
                     with open(log_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
                 save_checkpoint(
-                    manager, epoch, steps.host_state(placed),
+                    manager, epoch, host if host is not None else steps.host_state(placed),
                     {"epochs_done": epoch, "history": history, "admm_devices": _admm_devices(state)},
                 )
             if log is not None:
                 log(
                     f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f} "
                     f"penalty {record['train_penalty']:.3g} train acc {record['train_accuracy']:.4f} "
-                    f"test acc {record['test_accuracy']:.4f}"
+                    f"test acc {record['test_accuracy']:.4f}{_running_note(record)}"
                 )
     finally:
         if manager is not None:
             manager.close()
     if not history:
         raise ValueError("no epoch was run: nothing to resume from, or epochs already complete")
+    final = steps.host_state(placed)
+    last = history[-1]
+    if config.bn_reestimate_batches and reestimated is None:
+        last, reestimated = _reestimated_record(config, dataset, steps, final, last)
+        if log is not None:
+            log(
+                f"BatchNorm statistics re-estimated over {last['bn_reestimate_batches']} training batches: test acc "
+                f"{last['test_accuracy']:.4f}{_running_note(last)}"
+            )
     best = max(history, key=lambda r: r["test_accuracy"])
-    return FitResult(history, history[-1], best, steps.host_state(placed), config)
+    return FitResult(history, last, best, final, config, dataset.num_classes, reestimated)
+
+
+def _running_note(record: dict) -> str:
+    if record.get("bn_statistics") != REESTIMATED:
+        return ""
+    return f" (BN re-estimated; running statistics: {record['test_accuracy_running_stats']:.4f})"
+
+
+def reestimate_for_fit(config: TrainConfig, dataset, params, batch_stats, epoch: int) -> tuple[Any, int]:
+    """BatchNorm statistics of ``params`` re-estimated as ``fit`` does after epoch ``epoch`` (1-based).
+
+    Batches: the first ``min(config.bn_reestimate_batches, steps_per_epoch)`` training batches in the data order of
+    epoch ``epoch``, through the training pipeline as is (augmentation included, when the data set has any): the
+    statistics are meant to replace the noisy running average of what training normalised with, not to adapt the
+    model to another input distribution (unaugmented images would be AdaBN toward the test pipeline); this is also
+    what precise-BN implementations do. The order depends only on (seed, epoch), so a resumed run re-estimates
+    exactly as an uninterrupted one. With several processes each passes its own rows and the results are combined.
+
+    Returns (batch_stats, number of batches used).
+    """
+    n = min(config.bn_reestimate_batches, dataset.steps_per_epoch(config.batch_size))
+    if n < 1:
+        raise ValueError("BatchNorm re-estimation needs at least one training batch")
+    model = make_model(config, dataset.num_classes)
+    batches = process_train_batches(config, dataset, epoch - 1)
+    try:
+        stats = reestimate_batch_stats(
+            model, {"params": params, "batch_stats": batch_stats}, batches, num_batches=n,
+            across_processes=jax.process_count() > 1,
+        )
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    return stats, n
+
+
+def _reestimated_record(config: TrainConfig, dataset, steps: Steps, host: TrainState, record: dict):
+    """(``record`` with the test metrics measured after BatchNorm re-estimation and the running-statistics ones
+    kept under ``*_running_stats``, the re-estimated batch_stats)."""
+    start = time.perf_counter()
+    stats, n = reestimate_for_fit(config, dataset, host.params, host.batch_stats, record["epoch"])
+    # Only params and batch_stats are read by the eval step.
+    placed = steps.place_state(host.replace(batch_stats=stats, opt_state=None, admm_state=None))
+    metrics = evaluate(steps, placed, dataset, config.eval_batch_size)
+    running = {k: v for k, v in record.items() if k not in ("test_accuracy", "test_loss", "bn_statistics")}
+    return {
+        **running,
+        **metrics,
+        "test_accuracy_running_stats": record["test_accuracy"],
+        "test_loss_running_stats": record["test_loss"],
+        "bn_statistics": REESTIMATED,
+        "bn_reestimate_batches": n,
+        "bn_reestimate_seconds": time.perf_counter() - start,
+    }, stats
 
 
 def _barrier(name: str) -> None:

@@ -44,6 +44,12 @@ class TrainConfig:
       global_correlation: all-gather the batch over devices for the correlation term (one global ADMM state)
         instead of per-device correlations and per-device ADMM states.
       dtype: "float32" or "bfloat16" compute.
+      bn_reestimate_batches: after the last epoch, re-estimate the BatchNorm (and quantizer) running statistics
+        with the final weights over this many training batches (at most one epoch's; 0 = off) and report the test
+        accuracy with them as the headline, next to the one with the training-time statistics
+        (``alignq_jax.training.reestimate_batch_stats``).
+      bn_reestimate_every_epoch: re-estimate after every epoch too, so the history (and the best epoch) are
+        measured with re-estimated statistics (needs ``bn_reestimate_batches`` > 0).
     """
 
     model: str = "resnet20"
@@ -66,6 +72,8 @@ class TrainConfig:
     num_devices: int | None = None
     global_correlation: bool = False
     dtype: str = "float32"
+    bn_reestimate_batches: int = 50
+    bn_reestimate_every_epoch: bool = False
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -92,6 +100,14 @@ class TrainConfig:
             _positive("num_devices", self.num_devices, int)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}; got {self.dtype!r}")
+        n = self.bn_reestimate_batches
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"bn_reestimate_batches must be an int >= 0 (0 = off); got {n!r}")
+        if not isinstance(self.bn_reestimate_every_epoch, bool):
+            raise ValueError(f"bn_reestimate_every_epoch must be True or False; got {self.bn_reestimate_every_epoch!r}")
+        if self.bn_reestimate_every_epoch and n == 0:
+            raise ValueError("bn_reestimate_every_epoch=True needs bn_reestimate_batches > 0 (the batches to "
+                             "re-estimate from)")
         if self.admm and not any(c.quantizes_bn_output for c in self.quant.configs()):
             raise ValueError(
                 "admm=True needs activations quantized after BatchNorm (a_bits < 32 with alignq or uniform): the "
