@@ -167,3 +167,59 @@ def test_resume_on_another_device_count_with_per_device_admm_is_a_clear_error(tm
             progress=False)
     resumed = fit(config, ds, workdir=tmp_path, resume=True, progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+_TIMING = ("train_seconds", "images_per_second", "bn_reestimate_seconds")
+
+
+def _untimed(record):
+    return {k: v for k, v in record.items() if k not in _TIMING}
+
+
+@pytest.mark.slow
+def test_batchnorm_reestimation_in_fit_leaves_training_alone_and_resumes_exactly(tmp_path):
+    """Per-epoch re-estimation only adds measurements: the training (params, running statistics, running-statistics
+    accuracies) equals a run without it, its last record equals the final re-estimation of a run without it, and
+    an interrupted run resumes to the same history (saved in the checkpoint meta) and the same statistics."""
+    ds = _tiny_dataset()
+    quant = QuantConfig(4, 4)
+    plain = fit(_config(quant=quant, epochs=2), ds, progress=False)
+    every = fit(_config(quant=quant, epochs=2, bn_reestimate_every_epoch=True), ds, progress=False)
+    assert _max_diff(plain.state.params, every.state.params) == 0.0
+    assert _max_diff(plain.state.batch_stats, every.state.batch_stats) == 0.0
+    assert [r["bn_statistics"] for r in plain.history] == ["running", "running"]
+    assert [r["bn_statistics"] for r in every.history] == ["reestimated", "reestimated"]
+    for p, e in zip(plain.history, every.history):
+        assert (e["test_accuracy_running_stats"], e["test_loss_running_stats"]) == (p["test_accuracy"], p["test_loss"])
+    assert plain.last["bn_statistics"] == every.last["bn_statistics"] == "reestimated"
+    assert _untimed(plain.last) == _untimed(every.last) == _untimed(every.history[-1])
+    assert plain.last["test_loss"] != plain.last["test_loss_running_stats"]
+    assert _max_diff(plain.reestimated_batch_stats, every.reestimated_batch_stats) == 0.0
+    assert _max_diff(plain.reestimated_batch_stats, plain.state.batch_stats) > 1e-3
+
+    config = _config(quant=quant, epochs=2, bn_reestimate_every_epoch=True)
+    fit(config, ds, workdir=tmp_path, progress=False, stop_after_epochs=1)
+    resumed = fit(config, ds, workdir=tmp_path, resume=True, progress=False)
+    assert [_untimed(r) for r in resumed.history] == [_untimed(r) for r in every.history]
+    assert resumed.history[0] == json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert _max_diff(resumed.trained.variables, every.trained.variables) == 0.0
+
+
+def test_reestimation_off_reports_the_running_statistics():
+    ds = _tiny_dataset(n_train=16)
+    result = fit(_config(quant=QuantConfig(4, 4), epochs=1, bn_reestimate_batches=0), ds, progress=False)
+    assert result.last is result.history[-1] and result.last["bn_statistics"] == "running"
+    assert result.reestimated_batch_stats is None
+    assert result.summary()["last_epoch_test_accuracy_running_stats"] == result.last["test_accuracy"]
+    assert _max_diff(result.trained.variables["batch_stats"], result.state.batch_stats) == 0.0
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"bn_reestimate_batches": -1}, "bn_reestimate_batches must be an int >= 0"),
+    ({"bn_reestimate_batches": True}, "bn_reestimate_batches must be an int >= 0"),
+    ({"bn_reestimate_every_epoch": 1}, "bn_reestimate_every_epoch must be True or False"),
+    ({"bn_reestimate_batches": 0, "bn_reestimate_every_epoch": True}, "needs bn_reestimate_batches > 0"),
+])
+def test_reestimation_settings_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**fields)
