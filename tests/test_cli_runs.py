@@ -27,8 +27,9 @@ SMALL = ["--model", "small_cnn", "--devices", "1", "--fp-epochs", "1", "--epochs
 
 
 class FakeFit:
-    """Stands in for ``fit``: records its arguments, returns made-up histories (accuracy rising 0.5 -> 0.9123),
-    a final ADMM state whose entries say which call made it, and marks a checkpoint folder like the real one."""
+    """Stands in for ``fit``: records its arguments, returns made-up histories (accuracy rising 0.5 -> 0.9123; with
+    BatchNorm re-estimation on, the last record's headline is 0.9321 and 0.9123 its running-statistics accuracy), a
+    final ADMM state whose entries say which call made it, and marks a checkpoint folder like the real one."""
 
     def __init__(self, fail_at_call=None, exc=None):
         self.calls = []
@@ -50,7 +51,11 @@ class FakeFit:
             admm_state = ADMMState(z={"q": {"gap": np.full((b, b), mark, np.float32)}},
                                    gamma={"q": {"gap": np.full((b, b), -mark, np.float32)}})
         state = types.SimpleNamespace(params={"w": len(self.calls)}, batch_stats={}, admm_state=admm_state)
-        return FitResult(history, history[-1], max(history, key=lambda r: r["test_accuracy"]), state, config)
+        last = {**history[-1], "bn_statistics": "running"}
+        if config.bn_reestimate_batches:
+            last = {**last, "test_accuracy": 0.93214, "test_accuracy_running_stats": history[-1]["test_accuracy"],
+                    "bn_statistics": "reestimated", "bn_reestimate_batches": 2}
+        return FitResult(history, last, max(history, key=lambda r: r["test_accuracy"]), state, config)
 
 
 @pytest.fixture
@@ -246,6 +251,8 @@ def test_interrupts_wait_while_a_checkpoint_is_written():
     (["--init-from", "/nonexistent/run"], "--init-from"),
     (["--devices", "64"], "num_devices=64"),
     (["--batch-size", "12", "--devices", "8"], "--batch-size 12 must be divisible"),
+    (["--bn-reestimate-batches", "-1"], "--bn-reestimate-batches must be 0 (off) or more"),
+    (["--bn-reestimate-batches", "0", "--bn-reestimate-every-epoch"], "--bn-reestimate-every-epoch needs"),
 ])
 def test_bad_settings_fail_before_training_naming_the_flag(tmp_path, fake_fit, capsys, flags, named):
     with pytest.raises(SystemExit) as exc:
@@ -374,9 +381,47 @@ def test_results_in_percent_with_1_based_epochs_and_measured_levels(tmp_path, da
     fp, q = results["stages"]
     assert (fp["weight_levels"], fp["activation_levels"]) == (None, None)
     assert (q["weight_levels"], q["activation_levels"]) == (16, 16)  # 4 bits = 16 stored values, after the ReLU too
-    row = [line for line in (workdir / "results.md").read_text().splitlines() if line.startswith("| w4a4")][0]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3] == "16 / 16" and cells[5] == "91.23" and cells[6] == "91.23" and cells[7] == "2"
+    cells = _results_row(workdir, "w4a4")
+    assert cells["levels (weights / activations)"] == "16 / 16"
+    assert cells["test acc % (last epoch)"] == "93.21"  # the headline: BN statistics re-estimated (default)
+    assert cells["BN statistics (last epoch)"] == "re-estimated (2 batches)"
+    assert cells["test acc % (last epoch, running BN statistics)"] == "91.23"
+    assert cells["test acc % (best epoch)"] == "91.23" and cells["best epoch"] == "2"
+
+
+def _results_row(workdir, stage):
+    """The results.md row of ``stage`` as {column header: cell}."""
+    lines = (workdir / "results.md").read_text().splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| stage")).strip("|").split("|")]
+    row = next(line for line in lines if line.startswith(f"| {stage} "))
+    return dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+
+
+def test_bn_reestimation_flags_reach_every_stage_and_the_results_say_which_accuracy_is_the_headline(
+        tmp_path, data_dir, fake_fit):
+    workdir = tmp_path / "run"
+    assert run_cli(["--bn-reestimate-batches", "7", "--bn-reestimate-every-epoch", "--data-dir", data_dir,
+                    "--workdir", workdir, *SMALL]) == 0
+    assert [(c["config"].bn_reestimate_batches, c["config"].bn_reestimate_every_epoch) for c in fake_fit.calls] == \
+        [(7, True), (7, True)]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["bn_statistics"]["headline"] == "reestimated"
+    assert (results["bn_statistics"]["reestimate_batches"], results["bn_statistics"]["every_epoch"]) == (7, True)
+    q = results["stages"][1]
+    assert (q["last_epoch_test_accuracy"], q["last_epoch_test_accuracy_running_stats"]) == (0.93214, 0.91234)
+    assert q["bn_statistics"] == "reestimated"
+    assert "headline last-epoch accuracy is measured after re-estimating" in (workdir / "results.md").read_text()
+
+    off = tmp_path / "off"
+    assert run_cli(["--bn-reestimate-batches", "0", "--data-dir", data_dir, "--workdir", off, *SMALL]) == 0
+    assert [c["config"].bn_reestimate_batches for c in fake_fit.calls[2:]] == [0, 0]
+    results = json.loads((off / "results.json").read_text())
+    assert results["bn_statistics"]["headline"] == "running"
+    assert results["stages"][1]["last_epoch_test_accuracy"] == 0.91234
+    cells = _results_row(off, "w4a4")
+    assert cells["BN statistics (last epoch)"] == "running"
+    assert cells["test acc % (last epoch)"] == cells["test acc % (last epoch, running BN statistics)"] == "91.23"
+    assert "re-estimation off" in (off / "results.md").read_text()
 
 
 @pytest.mark.parametrize("method, levels", [("alignq", "exact"), ("uniform", "exact")])

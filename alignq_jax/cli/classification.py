@@ -118,6 +118,13 @@ def build_parser(dataset: str, description: str) -> argparse.ArgumentParser:
                        help="continue the run in --workdir with its saved settings (flags given again must agree)")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --workdir first, then start anew")
     p.add_argument("--progressive", action="store_true", help="paper's chain: 8 bits from FP, then 4 from 8, ...")
+    p.add_argument("--bn-reestimate-batches", type=int, default=50,
+                   help="after each stage, re-estimate the BatchNorm statistics with the final weights over this many "
+                        "training batches (at most one epoch's) and report that test accuracy as the headline, next "
+                        "to the one with the statistics accumulated during training; 0 = off")
+    p.add_argument("--bn-reestimate-every-epoch", action="store_true",
+                   help="re-estimate after every epoch too, so the per-epoch history and the best epoch are measured "
+                        "with re-estimated statistics rather than with the noisy running ones")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images (quick runs)")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images (quick runs)")
     p.add_argument("--no-progress", action="store_true",
@@ -201,6 +208,8 @@ def stage_config(args, bits: int):
         num_devices=args.devices,
         global_correlation=args.global_correlation,
         dtype=args.dtype,
+        bn_reestimate_batches=args.bn_reestimate_batches,
+        bn_reestimate_every_epoch=args.bn_reestimate_every_epoch,
     )
 
 
@@ -216,6 +225,10 @@ def validate_args(args, explicit: set[str]) -> None:
     for dest in ("lr", "fp_lr", "admm_weight", "act_range"):
         need(getattr(args, dest) > 0, dest, "positive")
     need(args.weight_decay >= 0, "weight_decay", "0 or more")
+    need(args.bn_reestimate_batches >= 0, "bn_reestimate_batches", "0 (off) or more")
+    if args.bn_reestimate_every_epoch and args.bn_reestimate_batches == 0:
+        raise ValueError("--bn-reestimate-every-epoch needs --bn-reestimate-batches above 0 (the batches to "
+                         "re-estimate from)")
     need(args.correlation_features == 0 or args.correlation_features >= 2, "correlation_features",
          "0 (the exact gap) or at least 2")
     for dest in ("limit_train", "limit_test", "devices"):
@@ -598,19 +611,27 @@ def run(args, stages, session: Session, out=print) -> dict:
                 "admm_state": result.state.admm_state}
         from_mode = config.admm_mode if config.admm else None
 
+    bn_note = report.bn_statistics_note(records)
     results = {
         "dataset": dataset.name,
         "model": args.model,
         "settings": settings_of(args),
         "machine": report.machine_description(),
         "note": report.BEST_EPOCH_NOTE,
+        "bn_statistics": {
+            "headline": report.headline_statistics(records),
+            "reestimate_batches": args.bn_reestimate_batches,
+            "every_epoch": args.bn_reestimate_every_epoch,
+            "note": bn_note,
+        },
         "stages": [{k: v for k, v in s.items() if k != "history"} for s in records],
     }
     table = results_table(records)
     title = run_title(dataset.name, args)
     if is_main:
         report.write_json(workdir / "results.json", results)
-        _write(workdir / "results.md", f"# {title}\n\n{table}\n{report.ACCURACY_NOTE} {report.BEST_EPOCH_NOTE}\n")
+        _write(workdir / "results.md",
+               f"# {title}\n\n{table}\n{report.ACCURACY_NOTE} {bn_note} {report.BEST_EPOCH_NOTE}\n")
         report.plot_stage_chain(workdir / "accuracy.png", [(r["stage"], histories[r["stage"]]) for r in records],
                                 title, first_is_init=bool(args.init_from))
     out(table)
@@ -633,15 +654,20 @@ def results_table(records: list[dict]) -> str:
 
     rows = [
         (r["stage"], r["method"], "-" if r["bits"] == 32 else r["levels"], levels(r),
-         r["admm_mode"] if r["admm"] else "off", report.percent(r["last_epoch_test_accuracy"]), report.percent(r["best_epoch_test_accuracy"]),
-         r["best_epoch"], r["epochs"])
+         r["admm_mode"] if r["admm"] else "off", report.percent(r["last_epoch_test_accuracy"]),
+         report.bn_statistics_label(r),
+         report.percent(r.get("last_epoch_test_accuracy_running_stats", r["last_epoch_test_accuracy"])),
+         report.percent(r["best_epoch_test_accuracy"]), r["best_epoch"], r["epochs"])
         for r in records
     ]
-    return report.markdown_table(
-        ["stage", "method", "grid", "levels (weights / activations)", "ADMM", "test acc % (last epoch)",
-         "test acc % (best epoch)", "best epoch", "epochs"],
-        rows,
-    )
+    return report.markdown_table(list(RESULTS_COLUMNS), rows)
+
+
+RESULTS_COLUMNS = (
+    "stage", "method", "grid", "levels (weights / activations)", "ADMM", "test acc % (last epoch)",
+    "BN statistics (last epoch)", "test acc % (last epoch, running BN statistics)", "test acc % (best epoch)",
+    "best epoch", "epochs",
+)
 
 
 def fit(*args, **kwargs):

@@ -19,6 +19,40 @@ ACCURACY_NOTE = (
     "Accuracies in %; epochs count from 1; levels = distinct values the quantizers output, measured (weights; "
     "activations after the ReLU that follows the quantizer)."
 )
+REESTIMATED = "reestimated"  # FitResult records: "bn_statistics" is "reestimated" or "running"
+
+
+def bn_statistics_label(record: dict) -> str:
+    """'re-estimated (N batches)' or 'running' for a stage record (``FitResult.summary()`` keys)."""
+    if record.get("bn_statistics") == REESTIMATED:
+        return f"re-estimated ({record.get('bn_reestimate_batches')} batches)"
+    return "running"
+
+
+def headline_statistics(records: Sequence[dict]) -> str:
+    """Which BatchNorm statistics the stages' headline (last-epoch) accuracies use: "reestimated", "running" or
+    "mixed" (a resumed run whose stages were made with different settings)."""
+    kinds = {r.get("bn_statistics", "running") for r in records}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def bn_statistics_note(records: Sequence[dict]) -> str:
+    """One sentence for results.md saying which accuracy is the headline and what the other one is."""
+    headline = headline_statistics(records)
+    if headline == "running":
+        return ("BN statistics: the running averages accumulated during training (re-estimation off); the "
+                "last-epoch accuracy is measured with them.")
+    best = {r.get("best_epoch_bn_statistics", "running") for r in records}
+    per_epoch = "re-estimated after every epoch too" if best == {REESTIMATED} else "running statistics"
+    return (
+        "BN statistics: the headline last-epoch accuracy is measured after re-estimating the BatchNorm statistics "
+        "with the final weights over training batches (a cumulative average, see 'BN statistics'); the column "
+        "'running BN statistics' is the same weights with the exponential running averages of training (noisier "
+        f"in short quantized runs). Best epoch: from the per-epoch history ({per_epoch})."
+        + (" Stages differ in this setting." if headline == "mixed" else "")
+    )
+
+
 # Enough samples that every level of an 8-bit grid is hit many times.
 LEVEL_SAMPLES = 100_001
 
