@@ -17,17 +17,17 @@ Where this follows ZeroQ's published code and where it differs:
 * Optimiser: Adam, learning rate 0.5, 500 iterations per batch, the learning rate divided by 10 after 100 steps
   without improvement (down to 1e-4), batches of 32 distilled images, each batch optimised on its own: the code's
   settings. Standard deviations are ``sqrt(var + 1e-6)`` on both sides, and every term is a squared L2 distance
-  over channels, as in the paper's objective and the code.
+  over channels, as in the code.
 * Statistics: the moments of each BatchNorm input over the whole distilled batch (N, H, W), computed in training
   mode from the ``BN_MOMENTS_COLLECTION`` the layers sow. The code hooks the conv outputs in evaluation mode and
-  matches every image's own spatial moments (averaged over the batch); at the optimum both forward passes agree,
-  since the batch moments then equal the running ones.
+  matches every image's own spatial moments (the squared distances averaged over the batch), a stricter target:
+  each image alone must match. The two forward passes agree once the batch moments equal the running ones.
 * Start: standard Gaussian noise (the paper's description); the code starts from a scaled uniform distribution.
 * Weights: the code quantizes every conv and linear kernel per output channel with an asymmetric min/max grid of
   2^k levels. Here the kernels are quantized per output channel with ``AbsMax``'s symmetric grid from max|w|
   (2^k - 1 levels, zero exactly representable); the model's classifier stays in full precision as in every
-  method of this library. At 8 bits the two grids differ by under one step; at 2 bits the symmetric grid has 3
-  levels where the code's has 4.
+  method of this library. At 8 bits the steps are close (2 max|w| / 254 against (max w - min w) / 255); at 2 bits
+  the symmetric grid has 3 levels where the code's has 4.
 * Activations: the code quantizes after every ReLU with the running [min, max] over the distilled batches (min 0
   after a ReLU); here the method's own placement (the input of every conv that follows a ReLU) with the range
   [0, running max], which is the same grid on non-negative inputs.
