@@ -253,6 +253,13 @@ def _quantizer_key(key: str) -> bool:
     return key.startswith(("ConvQuantizer_", "DotQuantizer_")) or key == "activation"
 
 
+def _only_quantizer_state(key: str, value) -> bool:
+    """Whether the entry ``key`` of a variables tree holds nothing but quantizer state."""
+    if _quantizer_key(key):
+        return True
+    return isinstance(value, dict) and bool(value) and all(_only_quantizer_state(k, v) for k, v in value.items())
+
+
 def _restore_subset(template: dict, loaded: dict, what: str, path: str = "") -> dict:
     """``loaded`` checked against ``template``: every entry of ``loaded`` must exist there with its shape, and
     entries missing from ``loaded`` must be quantizer state (they are then left out, to be calibrated)."""
@@ -260,7 +267,7 @@ def _restore_subset(template: dict, loaded: dict, what: str, path: str = "") -> 
     for key, value in template.items():
         where = f"{path}/{key}" if path else key
         if key not in loaded:
-            if not _quantizer_key(key):
+            if not _only_quantizer_state(key, value):
                 raise ValueError(f"init checkpoint {what} lack {where!r}: was it trained with another model?")
             continue
         if isinstance(value, dict):
