@@ -536,8 +536,11 @@ def admm_gradient_norms(model, variables, admm_state, images, labels, *, admm, a
         values, g_ce, g_penalty = terms(admm_state, images, labels, jax.random.fold_in(key, 0))
     else:
         raise ValueError(f"admm_state leaves must be (B, B) or (n, g, g) matrices; got ranks {sorted(ndims)}")
-    ce_norm = optax.global_norm(g_ce)
-    penalty_norm = admm_weight * optax.global_norm(g_penalty)
+    def norm(tree):
+        return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(tree)))
+
+    ce_norm = norm(g_ce)
+    penalty_norm = admm_weight * norm(g_penalty)
     return {
         "cross_entropy": values[0],
         "penalty": values[1],
