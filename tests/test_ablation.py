@@ -356,3 +356,27 @@ def test_admm_strength_with_per_device_states_splits_the_batch_like_training():
     with pytest.raises(ValueError, match="axis_name"):
         ablation.admm_gradient_norms(model, variables, two, jnp.concatenate([x, x]), jnp.concatenate([y, y]),
                                      admm=admm, admm_weight=2.0, key=key)
+
+
+@pytest.mark.slow
+def test_zeroq_quantizes_the_fp32_model_without_training(tmp_path, monkeypatch):
+    real_fit = ablation.fit
+    trained = []
+    monkeypatch.setattr(ablation, "fit", lambda config, dataset, **k: trained.append(config) or real_fit(
+        config, dataset, **k))
+    workdir = tmp_path / "run"
+    argv = ["--dataset", "digits", "--model", "small_cnn", "--bits", "8", "--seeds", "1", "--methods", "zeroq",
+            "--fp-epochs", "3", "--batch-size", "32", "--limit-train", "256", "--limit-test", "90", "--devices", "1",
+            "--no-corruptions", "--zeroq-images", "8", "--zeroq-steps", "20", "--bn-reestimate-batches", "2",
+            "--no-progress", "--workdir", workdir]
+    assert run_main(argv) == 0
+    assert [c.quant.w_bits for c in trained] == [32]  # only the FP32 model trains
+    fp = json.loads((workdir / "seed0/fp32/result.json").read_text())
+    zq = json.loads((workdir / "seed0/zeroq-w8a8/result.json").read_text())
+    assert zq["epochs"] == 0 and zq["history"] == [] and zq["bn_statistics"].startswith("running")
+    assert zq["accuracy"] == zq["accuracy_running_stats"]  # no training data: nothing is re-estimated
+    # 8-bit per-channel grids on the FP32 weights and statistics: the FP32 model's accuracy, give or take a few
+    # images (with training-time statistics, the ones ZeroQ keeps).
+    assert abs(zq["clean"] - fp["clean_running_stats"]) <= 0.05
+    assert "ZeroQ keeps the FP32 model's statistics" in (workdir / "table1.md").read_text()
+    assert table_rows(workdir / "table1.md")["ZeroQ (post-training, no data)"][0].endswith("(n=1)")
