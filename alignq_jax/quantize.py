@@ -336,7 +336,7 @@ def layer_report(model: nn.Module, variables, *args, rngs=None, **kwargs) -> Lay
     paths = []
     for keys, _ in jax.tree_util.tree_flatten_with_path(marks)[0]:
         names = [k.key for k in keys if isinstance(k, jax.tree_util.DictKey)][:-1]  # drop the "layer" name
-        if names and names[-1].startswith(("ConvQuantizer_", "DotQuantizer_")):
+        if names and _is_quantizer_key(names[-1]):
             names = names[:-1]  # a conv/dot op reports as its layer
         paths.append("/".join(names))
     config = model.config
@@ -545,6 +545,32 @@ def calibrate(model: nn.Module, variables: dict, *args, rng=None, **kwargs) -> d
     rngs = {"params": rng if rng is not None else jax.random.key(0), CORRELATION_RNG: jax.random.key(0)}
     _, created = model.apply(variables, *args, mutable=["params", "batch_stats"], rngs=rngs, **kwargs)
     return {**variables, **created}
+
+
+def _is_quantizer_key(key: str) -> bool:
+    return key.startswith(("ConvQuantizer_", "DotQuantizer_"))
+
+
+def without_quantizer_state(variables: dict) -> dict:
+    """``variables`` without the quantizer parameters and statistics of QuantConv/QuantDense layers (their
+    ``ConvQuantizer_*``/``DotQuantizer_*`` subtrees), so that :func:`calibrate` (or ``fit`` with these as
+    ``init_variables``) initialises them afresh: needed when the bit-width changes (an 8-bit LSQ step is far too
+    small for 4 bits). Subtrees left empty are dropped."""
+
+    def strip(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {}
+        for key, value in tree.items():
+            if _is_quantizer_key(key):
+                continue
+            value = strip(value)
+            if isinstance(value, dict) and not value and isinstance(tree[key], dict) and tree[key]:
+                continue
+            out[key] = value
+        return out
+
+    return {collection: strip(tree) for collection, tree in variables.items()}
 
 
 class QuantActivation(nn.Module):

@@ -620,3 +620,24 @@ def test_layer_called_twice_keeps_both_gaps():
     new = admm.update(gaps, state)
     np.testing.assert_allclose(new.gamma["act"]["gap"][1], admm.update(gt, ADMMState(state.z["act"]["gap"][1],
                                                                                       state.gamma["act"]["gap"][1])).gamma)
+
+
+def test_without_quantizer_state_drops_only_quantizer_subtrees_and_calibrate_recreates_them():
+    """Stripping then calibrating gives quantizer state initialised from the current kernel by the method's own
+    rule (LSQ: 2 mean|w| / sqrt(Q_P)), and leaves every other variable as it was."""
+    from alignq_jax.methods import LSQ
+
+    cfg = quantize.QuantConfig(4, 4, method="lsq")
+    model = quantize.QuantConv(3, (3, 3), config=cfg)
+    x = jax.nn.relu(X)
+    v = model.init(jax.random.key(40), x)
+    stale = jax.tree.map(lambda a: a * 7.0, v["params"]["ConvQuantizer_0"])
+    v = {"params": {**v["params"], "ConvQuantizer_0": stale}}
+    stripped = quantize.without_quantizer_state(v)
+    assert set(stripped["params"]) == {"kernel", "bias"}
+    np.testing.assert_array_equal(stripped["params"]["kernel"], v["params"]["kernel"])
+    full = quantize.calibrate(model, stripped, x)
+    step = full["params"]["ConvQuantizer_0"]["weight"]["step"]
+    np.testing.assert_allclose(step, LSQ().init_weight(v["params"]["kernel"], 4)["step"], rtol=1e-6)
+    qp = 2**3 - 1
+    np.testing.assert_allclose(step, 2 * np.abs(np.asarray(v["params"]["kernel"])).mean() / np.sqrt(qp), rtol=1e-5)

@@ -28,8 +28,8 @@ from pathlib import Path
 from alignq_jax.admm import MODES as ADMM_MODES
 from alignq_jax.cli import report
 from alignq_jax.models import MODELS
-from alignq_jax.quantize import QuantConfig
 from alignq_jax.methods import METHODS
+from alignq_jax.quantize import QuantConfig, without_quantizer_state
 from alignq_jax.quantizers import ALLOWED_BITS, LEVEL_MODES
 from alignq_jax.training.loop import interrupts_outside
 
@@ -588,7 +588,9 @@ def run(args, stages, session: Session, out=print) -> dict:
         carried = "new" if config.admm else None
         if init is not None:
             admm_state, why = admm_to_carry(init["admm_state"], from_mode, config)
-            init_variables = {"params": init["params"], "batch_stats": init["batch_stats"]}
+            # Learned quantizer state (LSQ steps, PACT clips, absmax ranges) belongs to its bit-width: every stage
+            # initialises its own from the model it starts from.
+            init_variables = without_quantizer_state({"params": init["params"], "batch_stats": init["batch_stats"]})
             if config.admm:
                 carried = why
             if admm_state is not None:

@@ -63,7 +63,7 @@ class BNOutputMethod(QuantMethod):
 @dataclasses.dataclass(frozen=True)
 class AlignQ(BNOutputMethod):
     """AlignQ: weights standardised and mapped through the Gaussian CDF, then rounded; activations through the
-    Gaussian CDF on (-A, A) (docs/method.md §1, §2). Zhou et al., CVPR 2022."""
+    Gaussian CDF on (-A, A) (docs/method.md §1, §2). Chen, Yang and Chen, CVPR 2022."""
 
     name: ClassVar[str] = "alignq"
 
