@@ -1,7 +1,8 @@
 """Per-layer rules (QuantRules): first match wins, the default covers the rest, layer_report lists every
 quantization-aware layer of ResNet-20 (counted here from the architecture) and the rules that matched nothing, a
 rule really changes the kernel a conv uses, correlation=False on a rule removes that layer's gap, and bad rules
-are refused."""
+are refused. Also: a method object as QuantConfig.method (AlignQ(levels="paper")) is the name plus its options, and
+options contradicting it are refused."""
 
 import flax.linen as nn
 import jax
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 
 from alignq_jax import quantizers
+from alignq_jax.methods import METHODS, AlignQ, Uniform
 from alignq_jax.models import get_model
 from alignq_jax.quantize import (
-    GAP_COLLECTION, ConvQuantizer, QuantBatchNorm, QuantConfig, QuantRules, gap_shapes, layer_report, module_path,
+    ConvQuantizer, QuantActivation, QuantBatchNorm, QuantConfig, QuantConv, QuantRules, gap_shapes,
+    layer_report, module_path,
 )
 from alignq_jax.training import TrainConfig, make_model
 
@@ -75,11 +78,6 @@ def resnet20_layers() -> dict[str, str]:
 LAYERS = resnet20_layers()
 
 
-def test_architecture_count():
-    # 1 + 9 * 2 + 2 convs and as many BatchNorms: 21 + 21.
-    assert sum(k == "conv" for k in LAYERS.values()) == 21 and sum(k == "bn" for k in LAYERS.values()) == 21
-
-
 def _record_conv_operands(seen: dict):
     """Interceptor: for each QuantConv path, the (lhs, rhs) its ConvQuantizer op convolves."""
 
@@ -127,7 +125,7 @@ def test_layer_report_lists_every_layer_and_unmatched_rules(variables, train):
     )
     model = get_model("resnet20", config=rules, num_classes=10)
     report = layer_report(model, variables, X, train=train)
-    assert sorted(report.layers) == sorted(LAYERS)
+    assert sorted(report.layers) == sorted(LAYERS) and len(report.layers) == 21 + 21
     assert report.layers["stem_conv"].w_bits == 8
     assert all(c.w_bits == 4 for p, c in report.layers.items() if p != "stem_conv")
     # "fc" names a plain nn.Dense (not quantization-aware), "stgae1" is a typo: both matched nothing.
@@ -281,3 +279,73 @@ def test_models_refuse_a_non_config():
     model = get_model("resnet20", config={"w_bits": 4}, num_classes=10)
     with pytest.raises(ValueError, match="QuantConfig or QuantRules"):
         jax.eval_shape(lambda: model.init(jax.random.key(1), X, train=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A method object as QuantConfig.method: normalised to the name plus its options
+
+
+def test_alignq_object_equals_the_name_with_its_options():
+    by_object = QuantConfig(4, 4, method=AlignQ(levels="paper", surrogate=(1.0, 4.0)))
+    by_name = QuantConfig(4, 4, levels="paper", surrogate=(1.0, 4.0))
+    assert by_object == by_name and hash(by_object) == hash(by_name)
+    assert by_object.method == "alignq" and by_object.quantizer == AlignQ(levels="paper", surrogate=(1.0, 4.0))
+    # Same numerics as the functions with those options: the kernel a QuantConv uses, the activation grid.
+    x = jax.random.normal(jax.random.key(5), (2, 5, 5, 3))
+    conv = QuantConv(4, (3, 3), config=by_object)
+    v = conv.init(jax.random.key(6), x)
+    seen = {}
+    with nn.intercept_methods(_record_conv_operands(seen)):
+        conv.apply(v, x)
+    np.testing.assert_array_equal(seen[""][1], quantizers.alignq_weight(v["params"]["kernel"], 4, levels="paper"))
+    np.testing.assert_array_equal(QuantActivation(by_object).apply({}, x),
+                                  quantizers.alignq_activation(x, 4, levels="paper"))
+    assert len(np.unique(np.asarray(seen[""][1]))) > 16  # "paper" levels: more than 2^4 values at 4 bits
+
+
+def test_uniform_object_equals_the_name_with_its_options():
+    by_object = QuantConfig(3, 3, method=Uniform(act_range=3.0))
+    assert by_object == QuantConfig(3, 3, method="uniform", act_range=3.0)
+    x = jax.random.normal(jax.random.key(7), (2, 5, 5, 3)) * 2
+    np.testing.assert_array_equal(QuantActivation(by_object).apply({}, x),
+                                  quantizers.uniform_activation(x, 3, act_range=3.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(levels="paper", method=AlignQ()),
+        dict(act_range=3.0, method=AlignQ(act_range=2.5)),
+        dict(surrogate=(2.0, 4.0), method=AlignQ(surrogate=(1.0, 4.0))),
+        dict(stop_stats_grad=True, method=Uniform(stop_stats_grad=False, levels="paper"), levels="paper"),
+    ],
+)
+def test_options_contradicting_the_method_object_raise(kwargs):
+    with pytest.raises(ValueError, match="contradicts"):
+        QuantConfig(4, 4, **kwargs)
+
+
+def test_options_agreeing_with_the_method_object_are_accepted():
+    config = QuantConfig(4, 4, levels="paper", act_range=2.5, method=AlignQ(levels="paper", act_range=2.5))
+    assert config == QuantConfig(4, 4, levels="paper", act_range=2.5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QuantConfig silently ignores AlignQ-only options (levels, act_range, stop_stats_grad, surrogate) "
+    "given with a method that has no such option (lsq, dorefa, ...): they should raise ValueError",
+)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(method="dorefa", levels="paper"),
+        dict(method="lsq", act_range=3.0),
+        dict(method="apot", surrogate=(1.0, 4.0)),
+        dict(method="pact", stop_stats_grad=True),
+    ],
+)
+def test_alignq_options_with_another_method_raise(kwargs):
+    if kwargs["method"] not in METHODS:
+        pytest.skip(f"method {kwargs['method']!r} is not registered yet")
+    with pytest.raises(ValueError, match="levels|act_range|surrogate|stop_stats_grad"):
+        QuantConfig(4, 4, **kwargs)
