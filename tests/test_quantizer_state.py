@@ -3,7 +3,6 @@ initialised (the method's own rule, from the kernel and the first batch; from a 
 starting from one), that gradients reach them in a train step, that checkpoints keep them, and that a train step
 on 8 devices equals one on 1 device."""
 
-import dataclasses
 import math
 
 import flax.linen as nn
