@@ -111,6 +111,14 @@ class QuantConfig:
             object.__setattr__(self, "surrogate", _q._check_surrogate(self.surrogate))
         quantizer = self._build()
         object.__setattr__(self, "_quantizer", quantizer)
+        if not isinstance(quantizer, BNOutputMethod):
+            defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+            given = [name for name in _ALIGNQ_OPTIONS if getattr(self, name) != defaults[name]]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of alignq and uniform; "
+                    f"{quantizer.name} has its own options (fields of its method object)"
+                )
         for bits in (self.w_bits, self.a_bits):
             if bits < 32:
                 quantizer.check_bits(bits)

@@ -330,11 +330,6 @@ def test_options_agreeing_with_the_method_object_are_accepted():
     assert config == QuantConfig(4, 4, levels="paper", act_range=2.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QuantConfig silently ignores AlignQ-only options (levels, act_range, stop_stats_grad, surrogate) "
-    "given with a method that has no such option (lsq, dorefa, ...): they should raise ValueError",
-)
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignq_jax.models.resnet_cifar import BasicBlock, bn_quant, conv_factory
-from alignq_jax.quantize import QuantConfig
+from alignq_jax.models.resnet_cifar import BN_MOMENTUM, BasicBlock, bn_quant, conv_factory
+from alignq_jax.quantize import QuantConfig, QuantRules
 
 
 class SmallResNet(nn.Module):
@@ -35,7 +35,7 @@ class SmallResNet(nn.Module):
     Input (B, H, W, C) images; output (B, num_classes) float32 logits.
     """
 
-    config: QuantConfig = QuantConfig()
+    config: QuantConfig | QuantRules = QuantConfig()
     num_classes: int = 10
     stem_width: int = 16
     widths: Sequence[int] = (32, 64, 128)
@@ -44,6 +44,7 @@ class SmallResNet(nn.Module):
     bn_axis_name: str | None = None
     correlation_axis_name: str | None = None
     dtype: Any = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
@@ -57,8 +58,10 @@ class SmallResNet(nn.Module):
                 f"every stage needs at least one block; got blocks_per_stage={tuple(self.blocks_per_stage)}"
             )
         x = x.astype(self.dtype)
-        x = conv_factory(self.config, self.dtype)(self.stem_width, (3, 3), padding=1, name="stem_conv")(x)
-        x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, relu=True, name="stem_bn")(x)
+        stem = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
+        x = stem(self.stem_width, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)  # the image
+        x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, momentum=self.bn_momentum,
+                     relu=True, name="stem_bn")(x)
         for stage, (width, blocks, stage_strides) in enumerate(zip(self.widths, self.blocks_per_stage, self.strides)):
             for block in range(int(blocks)):
                 strides = int(stage_strides) if block == 0 else 1
@@ -69,6 +72,7 @@ class SmallResNet(nn.Module):
                     self.bn_axis_name,
                     self.correlation_axis_name,
                     self.dtype,
+                    self.bn_momentum,
                     name=f"stage{stage}_block{block}",
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))
