@@ -43,15 +43,20 @@ def test_conv_input_names_are_conv_input_methods():
 
 
 MODELS = {
-    # name: (input channels, the first conv, which convolves the image)
-    "small_cnn": (1, "conv0"),
-    "resnet20": (3, "stem_conv"),
+    # name: (input channels, the first conv (it convolves the image), number of convs = number of BatchNorms)
+    "small_cnn": (1, "conv0", 3),
+    "resnet20": (3, "stem_conv", 21),
+    "small_resnet": (1, "stem_conv", 10),
 }
-MODEL_PARAMS = [pytest.param("small_cnn"), pytest.param("resnet20", marks=pytest.mark.slow)]
+MODEL_PARAMS = [pytest.param("small_cnn"), pytest.param("resnet20", marks=pytest.mark.slow),
+                pytest.param("small_resnet", marks=pytest.mark.slow)]
+CONV_INPUT_MODEL_PARAMS = MODEL_PARAMS[:2] + [
+    pytest.param("small_resnet", marks=pytest.mark.slow)
+]
 
 
 def _input(model_name, seed=0):
-    channels, _ = MODELS[model_name]
+    channels = MODELS[model_name][0]
     return jax.random.normal(jax.random.key(seed), (4, 8, 8, channels))
 
 
@@ -163,7 +168,7 @@ def _expected_state(method, variables, path, raw, train):
 # Conv-input methods
 
 
-@pytest.mark.parametrize("model_name", MODEL_PARAMS)
+@pytest.mark.parametrize("model_name", CONV_INPUT_MODEL_PARAMS)
 @pytest.mark.parametrize("method_name", _registered(CONV_INPUT_NAMES))
 def test_conv_input_methods_quantize_every_conv_input_but_the_first(model_name, method_name):
     method = get_method(method_name)
@@ -173,7 +178,7 @@ def test_conv_input_methods_quantize_every_conv_input_but_the_first(model_name, 
     seen, written = run_recorded(model, variables, x, train=True)
     first = MODELS[model_name][1]
     convs = [p for p, r in seen.items() if "op" in r]
-    assert len(convs) == (3 if model_name == "small_cnn" else 21)
+    assert len(convs) == MODELS[model_name][2]
     # The first conv sees the image itself.
     np.testing.assert_array_equal(seen[first]["op"], seen[first]["__call__"])
     np.testing.assert_array_equal(seen[first]["__call__"], x)
@@ -244,7 +249,7 @@ def test_bn_output_methods_leave_conv_inputs_alone(model_name, method_name):
     seen, _ = run_recorded(model, variables, x, train=True)
     convs = [p for p, r in seen.items() if "op" in r]
     bns = [p for p, r in seen.items() if "in" in r]
-    assert len(convs) == len(bns) == (3 if model_name == "small_cnn" else 21)
+    assert len(convs) == len(bns) == MODELS[model_name][2]
     for path in convs:
         np.testing.assert_array_equal(seen[path]["op"], seen[path]["__call__"], err_msg=path)
     for path in bns:

@@ -14,7 +14,7 @@ import pytest
 
 from alignq_jax.methods import METHODS, get_method
 from alignq_jax.models import get_model
-from alignq_jax.quantize import ConvQuantizer, QuantConfig, module_path
+from alignq_jax.quantize import ConvQuantizer, QuantBatchNorm, QuantConfig, module_path
 from alignq_jax.training import (
     TrainConfig, canonical_state, create_train_state, fit, load_variables, make_model, make_steps,
 )
@@ -349,3 +349,74 @@ def test_eight_devices_equal_one_device(method_name):
     moved = {**_quantizer_leaves(init.params), **_quantizer_leaves(init.batch_stats)}
     now = {**_quantizer_leaves(one.params), **_quantizer_leaves(one.batch_stats)}
     assert moved and max(abs(float(moved[k]) - float(now[k])) for k in moved) > 1e-5
+
+
+def _filled_variables(model, x, seed=0):
+    """Variables of ``model`` filled in numpy (no compiled initialiser): He-normal kernels, positive scales,
+    variances and quantizer ranges, small biases and means."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=True))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return jnp.asarray(rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape), jnp.float32)
+        if name in ("scale", "var", "range"):
+            return jnp.asarray(rng.uniform(0.8, 1.2, leaf.shape), jnp.float32)
+        return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+
+
+@pytest.mark.parametrize(
+    "model_name",
+    ["small_cnn", pytest.param("resnet20", marks=pytest.mark.slow),
+     pytest.param("small_resnet", marks=pytest.mark.slow)],
+)
+def test_bn_momentum_zero_keeps_the_last_batch_statistics(model_name):
+    """Every model takes ``bn_momentum`` and passes it to its BatchNorms and quantizer statistics: at 0 the running
+    statistics after a training forward are that batch's (what BN re-estimation relies on)."""
+    if "absmax" not in METHODS:
+        pytest.skip("method 'absmax' is not registered yet")
+    model = get_model(model_name, config=QuantConfig(BITS, BITS, method="absmax"), num_classes=10, bn_momentum=0.0)
+    x = jax.random.normal(jax.random.key(11), (4, 8, 8, 3 if model_name == "resnet20" else 1))
+    variables = _filled_variables(model, x)
+
+    def record(seen):
+        def intercept(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and isinstance(context.module, (ConvQuantizer, QuantBatchNorm)):
+                owner = context.module.parent if isinstance(context.module, ConvQuantizer) else context.module
+                seen[module_path(owner)] = args[0]
+            return next_fun(*args, **kwargs)
+
+        return intercept
+
+    def run(v):
+        seen = {}
+        with nn.intercept_methods(record(seen)):
+            _, updates = model.apply(v, x, train=True, mutable=["batch_stats"])
+        return seen, updates["batch_stats"]
+
+    seen, stats = jax.jit(run)(variables)
+    ranges = means = 0
+    for path, value in jax.tree_util.tree_flatten_with_path(stats)[0]:
+        names = [p.key for p in path]
+        if names[-1] == "range":
+            owner = "/".join(names[: names.index("ConvQuantizer_0")])
+            assert float(value) == pytest.approx(float(np.max(seen[owner])), rel=1e-6), owner
+            ranges += 1
+        elif names[-1] == "mean":
+            h = np.asarray(seen["/".join(names[:-1])], np.float64)
+            np.testing.assert_allclose(value, h.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+            var = _get_leaf(stats, names[:-1] + ["var"])
+            np.testing.assert_allclose(var, h.var((0, 1, 2), ddof=1), rtol=1e-3, atol=1e-5)
+            means += 1
+    assert ranges == means - 1  # every conv but the first keeps a range; one BN per conv
+
+
+def _get_leaf(tree, names):
+    for n in names:
+        tree = tree[n]
+    return tree
