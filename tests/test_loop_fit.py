@@ -145,7 +145,8 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
     lines = []
     fit(cfg, ds, log=lines.append)  # under pytest stderr is captured: not a terminal
     assert capsys.readouterr().err == ""
-    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert [line.split(":")[0] for line in lines] == [
+        "epoch 1/2", "epoch 2/2", "BatchNorm statistics re-estimated over 4 training batches"]
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     fit(dataclasses.replace(cfg, epochs=1), ds)
