@@ -23,11 +23,11 @@ from alignq_jax.models import get_model
 from alignq_jax.quantize import CORRELATION_RNG, GAP_COLLECTION, QuantConfig
 
 WEIGHT = "100"  # ADMM weight of the runs: large enough that the term visibly moves the weights
-SMALL = ["--dataset", "digits", "--model", "small_cnn", "--bits", "2", "--seeds", "2", "--methods", "uniform",
-         "admm_only", "--fp-epochs", "1", "--epochs", "2", "--batch-size", "16", "--eval-batch-size", "64",
-         "--limit-train", "64", "--limit-test", "60", "--devices", "1", "--corruptions", "gaussian_noise",
-         "--severities", "1", "--corruption-examples", "20", "--bn-reestimate-batches", "2", "--admm-weight", WEIGHT,
-         "--admm-strength-batches", "2", "--no-progress"]
+BASE = ["--dataset", "digits", "--model", "small_cnn", "--bits", "2", "--seeds", "2", "--methods", "uniform",
+        "admm_only", "--fp-epochs", "1", "--epochs", "2", "--batch-size", "16", "--eval-batch-size", "64",
+        "--limit-train", "64", "--limit-test", "60", "--devices", "1", "--bn-reestimate-batches", "2", "--admm-weight",
+        WEIGHT, "--admm-strength-batches", "2", "--no-progress"]
+SMALL = [*BASE, "--corruptions", "gaussian_noise", "--severities", "1", "--corruption-examples", "20"]
 CELLS = ["seed0/fp32", "seed0/uniform-w2a2", f"seed0/admm_only-w2a2-admm{WEIGHT}",
          "seed1/fp32", "seed1/uniform-w2a2", f"seed1/admm_only-w2a2-admm{WEIGHT}"]
 
@@ -380,3 +380,30 @@ def test_zeroq_quantizes_the_fp32_model_without_training(tmp_path, monkeypatch):
     assert abs(zq["clean"] - fp["clean_running_stats"]) <= 0.05
     assert "ZeroQ keeps the FP32 model's statistics" in (workdir / "table1.md").read_text()
     assert table_rows(workdir / "table1.md")["ZeroQ (post-training, no data)"][0].endswith("(n=1)")
+
+
+@pytest.mark.slow
+def test_a_diverged_cell_is_recorded_and_a_diverged_fp32_model_stops(tmp_path, monkeypatch, capsys):
+    real_fit = ablation.fit
+
+    def fit(config, dataset, **kwargs):
+        if config.admm or diverge_fp:
+            raise FloatingPointError("loss became nan at epoch 1, step 3")
+        return real_fit(config, dataset, **kwargs)
+
+    monkeypatch.setattr(ablation, "fit", fit)
+    small = [*BASE, "--seeds", "1", "--epochs", "1", "--no-corruptions"]
+    diverge_fp = False
+    assert run_main([*small, "--workdir", tmp_path / "a"]) == 0
+    record = json.loads((tmp_path / "a" / f"seed0/admm_only-w2a2-admm{WEIGHT}/result.json").read_text())
+    assert record["status"] == "diverged" and "nan" in record["error"] and "clean" not in record
+    row = table_rows(tmp_path / "a" / "table2.md")[f"ADMM only (uniform + ADMM), ADMM weight {WEIGHT}"]
+    assert row[0] == "– [1 diverged]"
+    with open(tmp_path / "a" / "results.csv", newline="") as f:
+        statuses = {r["variant"]: r["status"] for r in csv.DictReader(f)}
+    assert statuses == {"fp32": "done", "uniform": "done", "admm_only": "diverged"}
+
+    diverge_fp = True
+    capsys.readouterr()
+    assert run_main([*small, "--workdir", tmp_path / "b"]) == 1
+    assert "the FP32 model of seed 0 diverged" in capsys.readouterr().err

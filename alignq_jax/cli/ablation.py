@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import shlex
 import sys
@@ -751,6 +750,9 @@ def run_cell(ctx: Context, cell: Cell, config) -> dict:
             result = fit(config, ctx.dataset, workdir=folder, init_variables=None if fp else _fp_variables(
                 ctx, cell.seed), resume=resume, progress=ctx.progress, log=log)
         except FloatingPointError as e:  # a diverged run is a result of the method, recorded as such
+            if fp:  # ... except the FP32 model every other cell of the seed starts from
+                raise RunError(f"the FP32 model of seed {cell.seed} diverged ({e}); every quantized model starts "
+                               "from it: lower --fp-lr and start again (--overwrite)") from None
             status, error = "diverged", str(e)
             result = None
         if result is not None:
@@ -760,10 +762,14 @@ def run_cell(ctx: Context, cell: Cell, config) -> dict:
             trained, raw = result.trained, result.trained_raw
             bn = "reestimated" if config.bn_reestimate_batches else "running"
             if config.admm:
-                strength = admm_strength(
-                    config, ctx.dataset.num_classes, result.state,
-                    ctx.dataset.train_batches(config.batch_size, seed=config.seed, epoch=0),
-                    num_batches=args.admm_strength_batches, seed=cell.seed)
+                batches = ctx.dataset.train_batches(config.batch_size, seed=config.seed, epoch=0)
+                try:
+                    strength = admm_strength(config, ctx.dataset.num_classes, result.state, batches,
+                                             num_batches=args.admm_strength_batches, seed=cell.seed)
+                finally:
+                    close = getattr(batches, "close", None)
+                    if close is not None:  # stops the prefetching thread of a generator left half read
+                        close()
     record = {
         **cell_identity(cell),
         "label": FP32_LABEL if fp else variant.label,
@@ -957,7 +963,7 @@ def _columns(args, has_corruptions: bool, with_ratio: bool) -> list[tuple[str, s
     return cols
 
 
-def _rows(args, order, summary, skipped) -> list[tuple[str, float | None]]:
+def _rows(args, order) -> list[tuple[str, float | None]]:
     rows = []
     for name in order:
         if name not in args.methods:
@@ -980,7 +986,7 @@ def table_markdown(args, order, summary: list[dict], skipped: list[dict], *, bes
     if fp is not None:
         table_rows.append([row_label(FP32)] + [
             ("–" if key == "admm_ratio" else fmt_percent(fp.get(key))) for _ in args.bits for key, _ in cols])
-    rows = _rows(args, order, summary, skipped)
+    rows = _rows(args, order)
     for name, weight in rows:
         line = [row_label(name, weight)]
         for b in args.bits:
@@ -1124,7 +1130,7 @@ def write_outputs(workdir: Path, args, records, skipped, corruption_info, comman
     summary = summarise(records)
     has_corruptions = corruption_info is not None
     note = notes(args, records, skipped, corruption_info, command, total)
-    title = f"{args.dataset}, {args.model}, {', '.join(map(str, args.bits))}-bit, {_count(args.seeds, 'seed')}"
+    title = f"{args.dataset}, {args.model}, {'/'.join(map(str, args.bits))}-bit, {_count(args.seeds, 'seed')}"
     table2 = table_markdown(args, TABLE2_ORDER, summary, skipped, best_row=True, with_ratio=True,
                             has_corruptions=has_corruptions)
     table1 = table_markdown(args, TABLE1_ORDER, summary, skipped, best_row=False,
