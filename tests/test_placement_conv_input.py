@@ -50,9 +50,6 @@ MODELS = {
 }
 MODEL_PARAMS = [pytest.param("small_cnn"), pytest.param("resnet20", marks=pytest.mark.slow),
                 pytest.param("small_resnet", marks=pytest.mark.slow)]
-CONV_INPUT_MODEL_PARAMS = MODEL_PARAMS[:2] + [
-    pytest.param("small_resnet", marks=pytest.mark.slow)
-]
 
 
 def _input(model_name, seed=0):
@@ -168,7 +165,7 @@ def _expected_state(method, variables, path, raw, train):
 # Conv-input methods
 
 
-@pytest.mark.parametrize("model_name", CONV_INPUT_MODEL_PARAMS)
+@pytest.mark.parametrize("model_name", MODEL_PARAMS)
 @pytest.mark.parametrize("method_name", _registered(CONV_INPUT_NAMES))
 def test_conv_input_methods_quantize_every_conv_input_but_the_first(model_name, method_name):
     method = get_method(method_name)
