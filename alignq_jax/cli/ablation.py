@@ -416,9 +416,16 @@ def cell_config(args, cell: Cell):
 
         quant = zeroq_config(cell.bits, cell.bits)
     else:
+        from alignq_jax.methods import METHODS, BNOutputMethod
+
+        alignq_like = issubclass(METHODS[variant.method], BNOutputMethod)
         quant = QuantConfig(
-            w_bits=cell.bits, a_bits=cell.bits, method=variant.method, levels=args.levels,
+            w_bits=cell.bits, a_bits=cell.bits, method=variant.method,
+            **({"levels": args.levels} if alignq_like else {}),  # the level modes are alignq's and uniform's
             correlation_features=(args.correlation_features or None) if variant.admm else None,
+            # Uniform's unrounded transform is only a clip, so its "aligned" gap vanishes inside (-A, A); "ADMM
+            # only" preserves the correlation between x and its quantized value (the paper's Theorem 3.2).
+            correlation_target="quantized" if variant.admm and variant.method == "uniform" else "aligned",
         )
     epochs = args.fp_epochs if fp else args.epochs
     return TrainConfig(
