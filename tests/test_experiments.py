@@ -292,9 +292,10 @@ def test_readme_usage_example_runs():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert blocks, "README has no python example"
-    namespace = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
-    assert namespace.get("checked") is True  # the example ends by setting checked = True after its asserts
+    for i, block in enumerate(blocks):
+        namespace = {}
+        exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+        assert namespace.get("checked") is True, i  # each example ends with checked = True after its asserts
 
 
 def test_digits_demo_runs_any_registered_method(tmp_path, capsys):
