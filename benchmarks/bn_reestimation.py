@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from alignq_jax.data import load_dataset
-from alignq_jax.quantize import QuantConfig
+from alignq_jax.quantize import QuantConfig, QuantRules
 from alignq_jax.training import TrainConfig, fit
 
 DEFAULT_JSON = os.path.join(os.path.dirname(__file__), "results", "bn_reestimation.json")
@@ -40,11 +40,27 @@ def milestones(epochs: int, fractions=(0.4, 0.75)) -> tuple[int, ...]:
     return tuple(sorted({int(round(f * epochs)) for f in fractions if 0 < f * epochs < epochs}))
 
 
-def parse_variant(text: str) -> tuple[str, int]:
-    method, _, bits = text.partition(":")
-    if not bits.isdigit():
-        raise argparse.ArgumentTypeError(f"a variant is METHOD:BITS (e.g. alignq:4); got {text!r}")
-    return method, int(bits)
+def parse_variant(text: str) -> tuple[str, int, int | None]:
+    """METHOD:BITS, or METHOD:BITS:FIRST to keep the first conv and its BatchNorm quantizer at FIRST bits."""
+    method, bits, *first = text.split(":")
+    if not bits.isdigit() or len(first) > 1 or (first and not first[0].isdigit()):
+        raise argparse.ArgumentTypeError(f"a variant is METHOD:BITS or METHOD:BITS:FIRST (e.g. alignq:4:8); got {text!r}")
+    return method, int(bits), int(first[0]) if first else None
+
+
+FIRST_LAYER = r"^(conv0|bn0|stem_conv|stem_bn)$"  # the first conv and its BN in small_cnn and the ResNets
+
+
+def variant_quant(method: str, bits: int, first: int | None):
+    """The variant's config: one QuantConfig, or rules keeping the first layer at ``first`` bits."""
+    config = QuantConfig(bits, bits, method=method)
+    if first is None:
+        return config
+    return QuantRules([(FIRST_LAYER, QuantConfig(first, first, method=method))], default=config)
+
+
+def variant_name(method: str, bits: int, first: int | None) -> str:
+    return f"{method} {bits}-bit" + (f", first conv {first}-bit" if first is not None else "")
 
 
 def spread(values) -> dict:
@@ -84,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit-test", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--variants", type=parse_variant, nargs="+",
-                   default=[("alignq", 4), ("uniform", 2), ("alignq", 2)], help="METHOD:BITS ...")
+                   default=[("alignq", 4, None), ("uniform", 2, None), ("alignq", 2, None)], help="METHOD:BITS[:FIRST] ...")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--fp-epochs", type=int, default=4)
     p.add_argument("--epochs", type=int, default=5)
@@ -98,10 +114,10 @@ def main(argv=None) -> int:
     dataset = load_dataset(args.dataset, args.data_dir).take(args.limit_train, args.limit_test)
     common = dict(model=args.model, batch_size=args.batch, eval_batch_size=500, weight_decay=1e-4, parallel="none",
                   bn_reestimate_batches=args.reestimate_batches, bn_reestimate_every_epoch=True)
-    names = ["fp32"] + [f"{m} {b}-bit" for m, b in args.variants]
+    names = ["fp32"] + [variant_name(*v) for v in args.variants]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     payload = {
-        "args": {**vars(args), "variants": [f"{m}:{b}" for m, b in args.variants]},
+        "args": {**vars(args), "variants": [":".join(str(x) for x in v if x is not None) for v in args.variants]},
         "dataset": repr(dataset),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores visible (shared), "
                    f"{jax.default_backend()}, jax {jax.__version__}",
@@ -128,9 +144,9 @@ def main(argv=None) -> int:
               f"re-estimated {fp.last['test_accuracy']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
         save()
         init = {"params": fp.state.params, "batch_stats": fp.state.batch_stats}
-        for (method, bits), name in zip(args.variants, names[1:]):
+        for (method, bits, first), name in zip(args.variants, names[1:]):
             t = time.perf_counter()
-            cfg = TrainConfig(quant=QuantConfig(bits, bits, method=method), epochs=args.epochs, lr=0.04,
+            cfg = TrainConfig(quant=variant_quant(method, bits, first), epochs=args.epochs, lr=0.04,
                               milestones=milestones(args.epochs), seed=seed, **common)
             result = fit(cfg, dataset, init_variables=init, progress=False)
             record = {"seed": seed, "seconds": time.perf_counter() - t, **run_summary(result.history, args.last)}

@@ -309,6 +309,9 @@ def test_digits_demo_runs_any_registered_method(tmp_path, capsys):
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["summary"]) == {"fp32", "dorefa", "uniform+admm"}
     assert results["levels"]["dorefa"] == {"weight_levels": 16, "activation_levels": 16}
+    for run in results["runs"]:  # headline with re-estimated BN statistics, the running ones kept beside it
+        assert run["bn_statistics"] == "reestimated"
+        assert set(run["last_epoch_running_stats"]) == set(run["last_epoch"])
     for bad in (["--methods", "dorefa+admm"], ["--methods", "apot", "--bits", "8"], ["--methods", "dorefa", "dorefa"]):
         with pytest.raises(SystemExit) as e:
             main([*bad, "--workdir", str(tmp_path / "bad")])
