@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -413,6 +413,19 @@ class _OperandQuantizer(nn.Module):
     inputs. Flax instantiates it inside the layer (``*_cls()``), so it reads its config from the parent and owns the
     method's learned parameters ("weight", "activation") and statistics (batch_stats "activation")."""
 
+    _op_field: ClassVar[str]  # the parent's field holding a plain op function (None: ``_default_op``)
+    _default_op: ClassVar[Callable]
+
+    @nn.compact
+    def __call__(self, lhs, rhs, *args, **kwargs):
+        lhs, rhs = self._quantize(lhs, rhs)
+        return self.op(lhs, rhs, *args, **kwargs)
+
+    def op(self, lhs, rhs, *args, **kwargs):
+        """The conv/dot on the quantized operands: the layer's own function if it was given one."""
+        fn = getattr(self.parent, self._op_field) or self._default_op
+        return fn(lhs, rhs, *args, **kwargs)
+
     def _quantize(self, lhs, rhs):
         layer = self.parent
         config = layer.config.resolve(module_path(layer))
@@ -432,27 +445,15 @@ class ConvQuantizer(_OperandQuantizer):
     """The ``conv_general_dilated_cls`` of :class:`QuantConv`. Subclass and override :meth:`op` to run another
     convolution on the quantized operands."""
 
-    @nn.compact
-    def __call__(self, lhs, rhs, *args, **kwargs):
-        lhs, rhs = self._quantize(lhs, rhs)
-        return self.op(lhs, rhs, *args, **kwargs)
-
-    def op(self, lhs, rhs, *args, **kwargs):
-        fn = self.parent.conv_general_dilated or jax.lax.conv_general_dilated
-        return fn(lhs, rhs, *args, **kwargs)
+    _op_field: ClassVar[str] = "conv_general_dilated"
+    _default_op: ClassVar[Callable] = staticmethod(jax.lax.conv_general_dilated)
 
 
 class DotQuantizer(_OperandQuantizer):
     """The ``dot_general_cls`` of :class:`QuantDense` (override :meth:`op` as for :class:`ConvQuantizer`)."""
 
-    @nn.compact
-    def __call__(self, lhs, rhs, *args, **kwargs):
-        lhs, rhs = self._quantize(lhs, rhs)
-        return self.op(lhs, rhs, *args, **kwargs)
-
-    def op(self, lhs, rhs, *args, **kwargs):
-        fn = self.parent.dot_general or jax.lax.dot_general
-        return fn(lhs, rhs, *args, **kwargs)
+    _op_field: ClassVar[str] = "dot_general"
+    _default_op: ClassVar[Callable] = staticmethod(jax.lax.dot_general)
 
 
 def _check_op_cls(cls, base, field: str) -> None:

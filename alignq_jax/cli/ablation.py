@@ -50,10 +50,12 @@ from alignq_jax.cli.classification import (
     Session,
     UsageError,
     apply_saved_settings,
+    check_training_flags,
     check_workdir,
     clear_workdir,
     explicit_flags,
     flag,
+    flag_checker,
     resume_command,
     settings_of,
     workdir_lock,
@@ -240,10 +242,7 @@ def validate_args(args, explicit: set[str]) -> None:
     """Checks every flag; raises ValueError naming the flag, the bad value and what is allowed."""
     from alignq_jax.data.corruptions import check_corruptions, check_severities
 
-    def need(ok: bool, dest: str, what: str):
-        if not ok:
-            raise ValueError(f"{flag(dest)} must be {what}; got {getattr(args, dest)!r}")
-
+    need = flag_checker(args)
     if args.dataset is None:
         raise ValueError(f"--dataset is required for a new ablation (one of {', '.join(DATASETS)})")
     for dest in ("seeds", "fp_epochs", "epochs", "batch_size", "eval_batch_size", "corruption_examples",
@@ -251,16 +250,7 @@ def validate_args(args, explicit: set[str]) -> None:
         need(getattr(args, dest) >= 1, dest, "at least 1")
     for dest in ("lr", "fp_lr"):
         need(getattr(args, dest) > 0, dest, "positive")
-    need(args.weight_decay >= 0, "weight_decay", "0 or more")
-    need(args.bn_reestimate_batches >= 0, "bn_reestimate_batches", "0 (off) or more")
-    if args.bn_reestimate_every_epoch and args.bn_reestimate_batches == 0:
-        raise ValueError("--bn-reestimate-every-epoch needs --bn-reestimate-batches > 0 (the batches to re-estimate "
-                         "from)")
-    need(args.correlation_features == 0 or args.correlation_features >= 2, "correlation_features",
-         "0 (the exact gap) or at least 2")
-    for dest in ("limit_train", "limit_test", "devices"):
-        need(getattr(args, dest) is None or getattr(args, dest) >= 1, dest, "at least 1 (leave it out for all)")
-    need(all(0 < f < 1 for f in args.milestones), "milestones", "fractions of the epochs, each in (0, 1)")
+    check_training_flags(args, need)
     need(len(set(args.bits)) == len(args.bits), "bits", "distinct bit-widths")
     need(all(w > 0 for w in args.admm_weight), "admm_weight", "positive values")
     need(len(set(args.admm_weight)) == len(args.admm_weight), "admm_weight", "distinct values")

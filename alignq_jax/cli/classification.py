@@ -213,17 +213,19 @@ def stage_config(args, bits: int):
     )
 
 
-def validate_args(args, explicit: set[str]) -> None:
-    """Checks every flag (ValueError naming the flag and the bad value)."""
+def flag_checker(args):
+    """``need(ok, dest, what)``: raises ValueError "--flag must be <what>; got <value>" unless ``ok``."""
 
     def need(ok: bool, dest: str, what: str):
         if not ok:
             raise ValueError(f"{flag(dest)} must be {what}; got {getattr(args, dest)!r}")
 
-    for dest in ("epochs", "fp_epochs", "batch_size", "eval_batch_size"):
-        need(getattr(args, dest) >= 1, dest, "at least 1")
-    for dest in ("lr", "fp_lr", "admm_weight", "act_range"):
-        need(getattr(args, dest) > 0, dest, "positive")
+    return need
+
+
+def check_training_flags(args, need) -> None:
+    """The checks of the training flags every experiment CLI shares (weight decay, BN re-estimation, correlation
+    sampling, data limits, devices, milestones)."""
     need(args.weight_decay >= 0, "weight_decay", "0 or more")
     need(args.bn_reestimate_batches >= 0, "bn_reestimate_batches", "0 (off) or more")
     if args.bn_reestimate_every_epoch and args.bn_reestimate_batches == 0:
@@ -234,6 +236,16 @@ def validate_args(args, explicit: set[str]) -> None:
     for dest in ("limit_train", "limit_test", "devices"):
         need(getattr(args, dest) is None or getattr(args, dest) >= 1, dest, "at least 1 (leave it out for all)")
     need(all(0 < f < 1 for f in args.milestones), "milestones", "fractions of the epochs, each in (0, 1)")
+
+
+def validate_args(args, explicit: set[str]) -> None:
+    """Checks every flag (ValueError naming the flag and the bad value)."""
+    need = flag_checker(args)
+    for dest in ("epochs", "fp_epochs", "batch_size", "eval_batch_size"):
+        need(getattr(args, dest) >= 1, dest, "at least 1")
+    for dest in ("lr", "fp_lr", "admm_weight", "act_range"):
+        need(getattr(args, dest) > 0, dest, "positive")
+    check_training_flags(args, need)
     if not args.admm:
         given = sorted(flag(d) for d in explicit & set(ADMM_FLAGS))
         if given:
