@@ -29,7 +29,7 @@ class TrainConfig:
     """Everything that defines a training run; the defaults are the official ResNet-20 CIFAR-10 recipe (docs/method.md §8).
 
     Attributes:
-      model: "resnet20", "resnet56" or "small_cnn".
+      model: a key of ``alignq_jax.models.MODELS`` ("resnet20", "resnet56", "small_cnn", "small_resnet").
       quant: a QuantConfig (bits, method, levels, ...) or QuantRules (per-layer configs). ``admm=True`` switches
         correlation recording on in every config that leaves it open (``correlation=None``) and quantizes
         BatchNorm outputs; ``correlation=False`` in a rule keeps the term off that layer.
