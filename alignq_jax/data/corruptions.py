@@ -749,7 +749,7 @@ def _check_host(url: str, timeout: float) -> None:
 
 def _download_cifar10_corrupted(builders: list, data_dir) -> None:
     from alignq_jax.data.specs import DataNotFoundError
-    from alignq_jax.data.tfds_source import PROBE_TIMEOUT_S, _listing, _remove_new_entries
+    from alignq_jax.data.tfds_source import PROBE_TIMEOUT_S, prepare_or_clean_up
 
     if importlib.util.find_spec("tensorflow") is None:
         # Its TFDS builder reads the downloaded .npy files through tf.io.gfile: fail before a 2.9 GB download.
@@ -759,21 +759,9 @@ def _download_cifar10_corrupted(builders: list, data_dir) -> None:
         )
     _check_host(CIFAR10_CORRUPTED_URL, PROBE_TIMEOUT_S)
     for builder in builders:
-        root = Path(builder.data_dir_root)
-        watched = [root, root / "downloads", root / "downloads" / "extracted", root / CIFAR10_CORRUPTED,
-                   root / CIFAR10_CORRUPTED / builder.builder_config.name]
-        before = {folder: _listing(folder) for folder in watched}
-        try:
-            builder.download_and_prepare(file_format="array_record")
-        except BaseException as exc:
-            _remove_new_entries(before)
-            if isinstance(exc, Exception):
-                raise DataNotFoundError(
-                    f"{CIFAR10_CORRUPTED}/{builder.builder_config.name}: downloading into {root} failed "
-                    f"({type(exc).__name__}: {exc}); the partial download was removed.\n"
-                    + _cifar10_corrupted_help(data_dir)
-                ) from exc
-            raise
+        config = builder.builder_config.name
+        prepare_or_clean_up(builder, f"{CIFAR10_CORRUPTED}/{config}", _cifar10_corrupted_help(data_dir),
+                            extra_folders=(f"{CIFAR10_CORRUPTED}/{config}",))
 
 
 def load_cifar10_corrupted(

@@ -159,8 +159,16 @@ def download_and_prepare(builder: Any, name: str, data_dir: str | os.PathLike | 
     (interruption included) removes the folders and files it created (partial downloads, incomplete versions)
     and leaves what was there before untouched."""
     check_download_possible(name, data_dir)
+    prepare_or_clean_up(builder, canonical_name(name), how_to_get(name, data_dir))
+
+
+def prepare_or_clean_up(builder: Any, label: str, help_text: str, extra_folders: tuple[str, ...] = ()) -> None:
+    """Runs ``builder.download_and_prepare(file_format="array_record")``; on any failure (interruption included)
+    removes what it created under the data dir (downloads, incomplete versions of ``label`` and the
+    ``extra_folders`` below the root) and raises DataNotFoundError naming ``label``, followed by ``help_text``."""
     root = Path(builder.data_dir_root)
-    watched = [root, root / "downloads", root / "downloads" / "extracted", root / canonical_name(name)]
+    watched = [root, root / "downloads", root / "downloads" / "extracted", root / label.split("/")[0],
+               *(root / folder for folder in extra_folders)]
     before = {folder: _listing(folder) for folder in watched}
     try:
         builder.download_and_prepare(file_format="array_record")
@@ -168,8 +176,8 @@ def download_and_prepare(builder: Any, name: str, data_dir: str | os.PathLike | 
         _remove_new_entries(before)
         if isinstance(exc, Exception):
             raise DataNotFoundError(
-                f"{canonical_name(name)}: downloading into {root} failed ({type(exc).__name__}: {exc}); the partial "
-                f"download was removed.\n{how_to_get(name, data_dir)}"
+                f"{label}: downloading into {root} failed ({type(exc).__name__}: {exc}); the partial download was "
+                f"removed.\n{help_text}"
             ) from exc
         raise
 
