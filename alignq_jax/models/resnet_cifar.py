@@ -92,26 +92,34 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        x = x.astype(self.dtype)
-        stem = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
-        x = stem(self.widths[0], (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)  # the image
-        x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, momentum=self.bn_momentum,
-                     relu=True, name="stem_bn")(x)
-        for stage, width in enumerate(self.widths):
-            for block in range(self.blocks_per_stage):
-                strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(
-                    width,
-                    strides,
-                    self.config,
-                    self.bn_axis_name,
-                    self.correlation_axis_name,
-                    self.dtype,
-                    self.bn_momentum,
-                    name=f"stage{stage}_block{block}",
-                )(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))
+        stages = [(width, self.blocks_per_stage, 2 if stage > 0 else 1) for stage, width in enumerate(self.widths)]
+        return residual_network(self, x, train, self.widths[0], stages)
+
+
+def residual_network(net: nn.Module, x, train: bool, stem_width: int, stages) -> jnp.ndarray:
+    """The body the residual models share, called inside ``net``'s compact ``__call__`` (its fields config,
+    num_classes, bn_axis_name, correlation_axis_name, dtype, bn_momentum): stem conv (never quantizing its input,
+    the image) -> BN (-> Q) -> ReLU, then ``stages`` [(width, blocks, stride of the first block)] of BasicBlocks
+    named "stage{s}_block{b}", global average pooling and a full-precision Dense "fc". Returns float32 logits."""
+    x = x.astype(net.dtype)
+    stem = conv_factory(net.config, net.dtype, train, net.bn_momentum, net.bn_axis_name)
+    x = stem(stem_width, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)
+    x = bn_quant(net.config, train, net.bn_axis_name, net.correlation_axis_name, momentum=net.bn_momentum,
+                 relu=True, name="stem_bn")(x)
+    for stage, (width, blocks, first_stride) in enumerate(stages):
+        for block in range(int(blocks)):
+            x = BasicBlock(
+                width,
+                int(first_stride) if block == 0 else 1,
+                net.config,
+                net.bn_axis_name,
+                net.correlation_axis_name,
+                net.dtype,
+                net.bn_momentum,
+                name=f"stage{stage}_block{block}",
+            )(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(net.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))
 
 
 def resnet20(**kwargs) -> CifarResNet:

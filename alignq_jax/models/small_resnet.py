@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignq_jax.models.resnet_cifar import BN_MOMENTUM, BasicBlock, bn_quant, conv_factory
+from alignq_jax.models.resnet_cifar import BN_MOMENTUM, residual_network
 from alignq_jax.quantize import QuantConfig, QuantRules
 
 
@@ -58,23 +58,5 @@ class SmallResNet(nn.Module):
             raise ValueError(
                 f"every stage needs at least one block; got blocks_per_stage={tuple(self.blocks_per_stage)}"
             )
-        x = x.astype(self.dtype)
-        stem = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
-        x = stem(self.stem_width, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)  # the image
-        x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, momentum=self.bn_momentum,
-                     relu=True, name="stem_bn")(x)
-        for stage, (width, blocks, stage_strides) in enumerate(zip(self.widths, self.blocks_per_stage, self.strides)):
-            for block in range(int(blocks)):
-                strides = int(stage_strides) if block == 0 else 1
-                x = BasicBlock(
-                    width,
-                    strides,
-                    self.config,
-                    self.bn_axis_name,
-                    self.correlation_axis_name,
-                    self.dtype,
-                    self.bn_momentum,
-                    name=f"stage{stage}_block{block}",
-                )(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))
+        stages = list(zip(self.widths, self.blocks_per_stage, self.strides))
+        return residual_network(self, x, train, self.stem_width, stages)
