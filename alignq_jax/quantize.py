@@ -545,15 +545,31 @@ def gap_shapes(model: nn.Module, variables, *args, rngs=None, **kwargs):
 def calibrate(model: nn.Module, variables: dict, *args, rng=None, **kwargs) -> dict:
     """``variables`` completed with every quantizer parameter and statistic they lack, initialised from the tensors
     they quantize in ``model.apply(variables, *args, **kwargs)``: the kernels as they are in ``variables`` and
-    the activations of this real batch.
+    the activations of this real batch. Entries already in ``variables`` are returned unchanged in either mode
+    (train mode's BatchNorm updates are discarded).
 
-    Use it to quantize a trained full-precision model (whose variables have no quantizer parameters): e.g.
-    ``calibrate(model, fp_variables, images, train=False)`` (evaluation mode: BatchNorm uses the trained statistics
-    and nothing already in ``variables`` changes).
+    The mode decides which activations the quantizers are fitted to:
+    - ``train=True`` (what quantization-aware training from a full-precision model should use): BatchNorm
+      normalises with this batch's statistics, as every training step will. Methods whose quantized weights are
+      on another scale than the kernel (DoReFa and PACT weights on [-1, 1], APoT's standardised weights) change
+      every conv output's scale, and only batch statistics absorb that.
+    - ``train=False``: BatchNorm uses the stored statistics, e.g. ``calibrate(model, fp_variables, images,
+      train=False)`` for post-training quantization with a method that keeps the kernel's scale (absmax).
     """
     rngs = {"params": rng if rng is not None else jax.random.key(0), CORRELATION_RNG: jax.random.key(0)}
     _, created = model.apply(variables, *args, mutable=["params", "batch_stats"], rngs=rngs, **kwargs)
-    return {**variables, **created}
+    return {**variables, **{name: _add_missing(variables.get(name, {}), tree) for name, tree in created.items()}}
+
+
+def _add_missing(kept: dict, new: dict) -> dict:
+    """``kept`` with the entries of ``new`` that it lacks (nested dicts merged; existing leaves win)."""
+    out = dict(kept)
+    for key, value in new.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _add_missing(out[key], value)
+    return out
 
 
 def _is_quantizer_key(key: str) -> bool:

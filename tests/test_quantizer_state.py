@@ -236,10 +236,17 @@ def fp_variables():
     return {"params": jax.tree.map(move, fp.params), "batch_stats": stats}
 
 
-@pytest.mark.parametrize("method_name", _registered(STATEFUL))
-def test_create_train_state_calibrates_from_fp_variables(fp_variables, method_name):
-    method = get_method(method_name)
-    cfg = _config(method_name)
+# The data-driven clip starts of PACT and APoT, next to the default (constant) ones.
+MSE_STARTS = {"pact": {"alpha_init": "mse"}, "apot": {"weight_alpha_init": "mse", "activation_alpha_init": "mse"}}
+
+
+@pytest.mark.parametrize("method_name, options", [
+    *[pytest.param(*p.values, None, marks=p.marks) for p in _registered(STATEFUL)],
+    *[pytest.param(n, o, marks=p.marks) for p, (n, o) in zip(_registered(MSE_STARTS), MSE_STARTS.items())],
+])
+def test_create_train_state_calibrates_from_fp_variables(fp_variables, method_name, options):
+    method = get_method(method_name, **(options or {}))
+    cfg = _config(method_name, options)
     state = create_train_state(cfg, (8, 8, 1), 10, 10, gap_batch=16, init_variables=fp_variables,
                                init_images=IMAGES)
     # Every full-precision parameter and statistic is kept bit for bit.
@@ -249,11 +256,12 @@ def test_create_train_state_calibrates_from_fp_variables(fp_variables, method_na
             for p in path:
                 mine = mine[p.key]
             np.testing.assert_array_equal(mine, value, err_msg=f"{collection}{jax.tree_util.keystr(path)}")
-    # Quantizer state from the FP kernels and from the batch passed through the model in evaluation mode (BN
-    # with the FP running statistics).
+    # Quantizer state from the FP kernels and from the batch passed through the model in training mode (BN with
+    # the batch's statistics, as the training steps will see it; fp_variables' moved running statistics would give
+    # other inputs in evaluation mode).
     model = make_model(cfg, 10)
     inputs = _raw_conv_inputs(model, {"params": state.params, "batch_stats": state.batch_stats},
-                              jnp.asarray(IMAGES), train=False)
+                              jnp.asarray(IMAGES), train=True)
     kernels = {c: fp_variables["params"][c]["kernel"] for c in CONVS}
     _check_init_rule(method, state.params, state.batch_stats, kernels, inputs)
     if method_name == "lsq":

@@ -318,3 +318,17 @@ def test_fit_on_batch_iterators_equals_fit_on_arrays():
     bad = dataclasses.replace(streams, train=lambda epoch: ds.train_batches(16, epoch=epoch))
     with pytest.raises(ValueError, match="batch_size"):
         fit(cfg, bad, progress=False)
+
+
+def test_config_to_dict_names_a_method_object_with_its_options():
+    import json
+
+    from alignq_jax.methods import APoT
+    from alignq_jax.quantize import QuantConfig
+    from alignq_jax.training.loop import config_to_dict
+
+    method = APoT(weight_alpha_init="mse", activation_alpha_init=6.0)
+    d = config_to_dict(TrainConfig(quant=QuantConfig(w_bits=2, a_bits=2, method=method)))
+    assert d["quant"]["method"] == {"name": "apot", "weight_alpha_init": "mse", "activation_alpha_init": 6.0}
+    assert json.loads(json.dumps(d)) == d
+    assert config_to_dict(TrainConfig(quant=QuantConfig(w_bits=2, a_bits=2, method="lsq")))["quant"]["method"] == "lsq"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from alignq_jax.methods.absmax import AbsMax
 from alignq_jax.methods.alignq import AlignQ, BNOutputMethod, Uniform
 from alignq_jax.methods.apot import APoT
-from alignq_jax.methods.base import BN_OUTPUT, CONV_INPUT, PLACEMENTS, QuantMethod
+from alignq_jax.methods.base import BN_OUTPUT, CONV_INPUT, MSE_INIT, PLACEMENTS, QuantMethod, mse_clip
 from alignq_jax.methods.dorefa import DoReFa
 from alignq_jax.methods.lsq import LSQ
 from alignq_jax.methods.pact import PACT
@@ -29,6 +29,6 @@ def get_method(name: str, **options) -> QuantMethod:
 
 
 __all__ = [
-    "APoT", "AbsMax", "AlignQ", "BNOutputMethod", "DoReFa", "LSQ", "PACT", "BN_OUTPUT", "CONV_INPUT", "METHODS", "PLACEMENTS", "QuantMethod", "Uniform",
-    "get_method",
+    "APoT", "AbsMax", "AlignQ", "BNOutputMethod", "DoReFa", "LSQ", "PACT", "BN_OUTPUT", "CONV_INPUT", "METHODS",
+    "MSE_INIT", "PLACEMENTS", "QuantMethod", "Uniform", "get_method", "mse_clip",
 ]

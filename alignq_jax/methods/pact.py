@@ -11,9 +11,11 @@ Activations (the non-negative input of a conv), with a learned clip alpha per qu
     d y_q / d x     = 1 if 0 <= x < alpha, else 0
     d y_q / d alpha = 1 if x >= alpha, else 0
 
-alpha starts at ``alpha_init`` (10.0, the paper's initial value) whatever the data. The paper's L2 regularisation
-of alpha is not part of the quantizer: alpha is an ordinary parameter of the layer, so the optimizer's weight decay
-(SGD with L2, as the training loop applies to every parameter) is that L2 term.
+alpha starts at ``alpha_init``: 10.0, the paper's initial value, whatever the data; or ``"mse"``, the clip that
+minimises the quantization MSE of the first batch (``alignq_jax.methods.base.mse_clip``; at 2 bits the constant 10
+sends over 90% of the positive values of ReLU(N(0, 1)) to the zero level, a poor start for short fine-tuning).
+The paper's L2 regularisation of alpha is not part of the quantizer: alpha is an ordinary parameter of the layer,
+so the optimizer's weight decay (SGD with L2, as the training loop applies to every parameter) is that L2 term.
 
 Weights: PACT quantizes weights with DoReFa-Net's scheme (Zhou et al., 2016, "DoReFa-Net: Training Low Bitwidth
 Convolutional Neural Networks with Low Bitwidth Gradients"): :func:`dorefa_weight`.
@@ -28,14 +30,13 @@ Everything is computed in float32 whatever the input dtype; the result is cast b
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from alignq_jax.methods.base import CONV_INPUT, QuantMethod
+from alignq_jax.methods.base import CONV_INPUT, MSE_INIT, QuantMethod, check_clip_init, mse_clip
 from alignq_jax.quantizers import ste_round
 
 MIN_ALPHA = 1e-12  # floor on alpha in the forward (see the module docstring)
@@ -148,19 +149,18 @@ class PACT(QuantMethod):
     (:func:`dorefa_weight`), no learned weight parameters. Bits 1..8. Details: this module's docstring.
 
     Fields:
-      alpha_init: the initial clip, > 0 (the paper starts at 10).
+      alpha_init: the initial clip: a number > 0 (the paper starts at 10, whatever the data) or "mse" (the clip
+        minimising the quantization MSE of the first batch the layer sees).
     """
 
     name: ClassVar[str] = "pact"
     placement: ClassVar[str] = CONV_INPUT
     activation_params: ClassVar[tuple[str, ...]] = ("alpha",)
 
-    alpha_init: float = 10.0
+    alpha_init: float | str = 10.0
 
     def __post_init__(self):
-        a = self.alpha_init
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and a > 0):
-            raise ValueError(f"pact: alpha_init must be a positive finite number; got {a!r}")
+        check_clip_init("pact", "alpha_init", self.alpha_init)
 
     def quantize_weight(self, params: dict, w, bits: int) -> jax.Array:
         """w: any shape (kernel); DoReFa weights, returns w's shape and dtype. ``params`` is empty."""
@@ -168,9 +168,11 @@ class PACT(QuantMethod):
         return dorefa_weight(w, bits)
 
     def init_activation(self, x, bits: int) -> dict[str, jax.Array]:
-        """{"alpha": () float32 alpha_init}; x only has to be a floating-point tensor (its values are unused)."""
+        """{"alpha": () float32}: alpha_init, or with "mse" the MSE-optimal clip of x (the first batch)."""
         self.check_bits(bits)
-        _float32(x)
+        x = _float32(x)
+        if self.alpha_init == MSE_INIT:
+            return {"alpha": mse_clip(x, lambda c: _pact(x, c, bits))}
         return {"alpha": jnp.asarray(self.alpha_init, jnp.float32)}
 
     def quantize_activation(self, params: dict, x, bits: int) -> jax.Array:

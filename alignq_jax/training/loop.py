@@ -672,6 +672,9 @@ class BatchStreams:
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(config)
     d["milestones"] = list(config.milestones)
+    method = config.quant.method
+    if not isinstance(method, str):  # a method object: asdict keeps its options but not which method it is
+        d["quant"]["method"] = {"name": method.name, **dataclasses.asdict(method)}
     return d
 
 

@@ -182,7 +182,8 @@ def create_train_state(
     ``init_variables``: {"params", "batch_stats"} to start from (e.g. the FP32 run before quantization-aware
     training); names must match, which they do between bit-widths of the same model. Quantizer parameters and
     statistics that ``init_variables`` lack (a full-precision run has none) are initialised from its kernels and
-    from ``init_images`` passed through it in evaluation mode (``alignq_jax.quantize.calibrate``).
+    from ``init_images`` passed through it in training mode, BatchNorm using the batch's statistics as every
+    training step will (``alignq_jax.quantize.calibrate``); the loaded BatchNorm statistics are kept.
     """
     key = jax.random.key(config.seed)
     init_key, admm_key, rng = jax.random.split(key, 3)
@@ -241,7 +242,10 @@ def _restore_and_calibrate(model, params, batch_stats, init_variables, images, k
         "params": _restore_subset(params, loaded_params, "params"),
         "batch_stats": _restore_subset(batch_stats, loaded_stats, "batch_stats"),
     }
-    full = jax.jit(lambda v, x: calibrate(model, v, x, rng=key, train=False))(restored, images)
+    # Training mode: the quantizers are fitted to the activations the training steps will see. With the stored FP32
+    # statistics, methods whose quantized weights change a conv's output scale (DoReFa/PACT, APoT) would blow the
+    # activations up layer by layer, and data-driven clips would start hundreds of times too wide.
+    full = jax.jit(lambda v, x: calibrate(model, v, x, rng=key, train=True))(restored, images)
     return full["params"], full.get("batch_stats", {})
 
 
