@@ -34,7 +34,6 @@ import os
 import shlex
 import sys
 import time
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,7 +55,7 @@ from alignq_jax.cli.classification import (
     explicit_flags,
     flag,
     flag_checker,
-    resume_command,
+    run_cli,
     settings_of,
     workdir_lock,
 )
@@ -1237,22 +1236,13 @@ def plot_summary(path: Path, args, summary: list[dict], has_corruptions: bool) -
 
 def main(argv=None) -> int:
     """Parses ``argv`` and runs; returns the exit status (0, 1 runtime error, 2 usage, 130 interrupted)."""
-    from alignq_jax.data import DataNotFoundError
-
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
     session = Session(command=shlex.join(["python", sys.argv[0], *argv]))
-    extra = ["--no-progress"] if args.no_progress else []
 
-    def fail(message: str, code: int, exc: BaseException | None = None) -> int:
-        if exc is not None and (args.debug or code == 1 and not isinstance(exc, (RunError, DataNotFoundError))):
-            traceback.print_exception(exc)
-        print(f"error: {message}", file=sys.stderr)
-        return code
-
-    try:
+    def body():
         resolve_defaults(args)
         if args.workdir:
             workdir = Path(args.workdir)
@@ -1277,23 +1267,11 @@ def main(argv=None) -> int:
             if args.overwrite:
                 clear_workdir(workdir)
             run(args, plan, skipped, session)
-    except KeyboardInterrupt as e:
-        if args.debug:
-            traceback.print_exception(e)
-        if session.workdir is not None and (session.workdir / SETTINGS_FILE).is_file():
-            command = resume_command(session.workdir, sys.argv[0], extra, default_script="experiments/ablation.py")
-            print(f"\ninterrupted; finished cells are kept. Continue with:\n  {command}", file=sys.stderr)
-        else:
-            print("\ninterrupted before training started; nothing to resume (run the same command again)",
-                  file=sys.stderr)
-        return 130
-    except UsageError as e:
-        return fail(str(e), 2, e)
-    except (RunError, DataNotFoundError) as e:
-        return fail(str(e), 1, e)
-    except Exception as e:  # unexpected: keep the traceback, end with one clear line
-        return fail(f"{type(e).__name__}: {e}", 1, e)
-    return 0
+
+    return run_cli(body, session=session, debug=args.debug,
+                   interrupted="interrupted; finished cells are kept. Continue with",
+                   resume_argv=["--no-progress"] if args.no_progress else [],
+                   default_script="experiments/ablation.py")
 
 
 if __name__ == "__main__":

@@ -691,37 +691,63 @@ def fit(*args, **kwargs):
     return _fit(*args, **kwargs)
 
 
-def main(argv=None, *, dataset: str = "cifar10", description: str = __doc__) -> int:
-    """Parses ``argv`` and runs; returns the exit status (0, 1 runtime error, 2 usage, 130 interrupted)."""
+def run_cli(body, *, session: Session, debug: bool, interrupted: str, resume_argv: list[str],
+            default_script: str = "experiments/cifar10.py") -> int:
+    """Runs ``body()`` and returns the exit status a CLI gives: 0 done, 1 runtime error (``RunError``, missing data,
+    or anything unexpected, with its traceback), 2 usage (``UsageError``), 130 interrupted.
+
+    On Ctrl-C it prints how to continue: ``interrupted`` and the resume command (with the flags ``resume_argv``)
+    once ``session.workdir`` holds saved settings, else that there is nothing to resume. ``debug``: tracebacks of
+    every error.
+    """
     from alignq_jax.data import DataNotFoundError
 
-    parser = build_parser(dataset, description)
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = parser.parse_args(argv)
-    explicit = explicit_flags(parser, argv)
-    session = Session(command=shlex.join(["python", sys.argv[0], *argv]))
-    extra = [f for f, on in (("--multihost", args.multihost), ("--no-progress", args.no_progress)) if on]
-
-    def fail(message: str, code: int, exc: BaseException | None = None) -> int:
-        if exc is not None and (args.debug or code == 1 and not isinstance(exc, (RunError, DataNotFoundError))):
+    def fail(message: str, code: int, exc: BaseException) -> int:
+        if debug or code == 1 and not isinstance(exc, (RunError, DataNotFoundError)):
             traceback.print_exception(exc)
         print(f"error: {message}", file=sys.stderr)
         return code
 
     try:
+        body()
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exception(e)
+        if session.workdir is not None and (session.workdir / SETTINGS_FILE).is_file():
+            command = resume_command(session.workdir, sys.argv[0], resume_argv, default_script=default_script)
+            print(f"\n{interrupted}:\n  {command}", file=sys.stderr)
+        else:
+            print("\ninterrupted before training started; nothing to resume (run the same command again)",
+                  file=sys.stderr)
+        return 130
+    except UsageError as e:
+        return fail(str(e), 2, e)
+    except (RunError, DataNotFoundError) as e:
+        return fail(str(e), 1, e)
+    except Exception as e:  # unexpected: keep the traceback, end with one clear line
+        return fail(f"{type(e).__name__}: {e}", 1, e)
+    return 0
+
+
+def main(argv=None, *, dataset: str = "cifar10", description: str = __doc__) -> int:
+    """Parses ``argv`` and runs; returns the exit status (0, 1 runtime error, 2 usage, 130 interrupted)."""
+    parser = build_parser(dataset, description)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    session = Session(command=shlex.join(["python", sys.argv[0], *argv]))
+
+    def body():
         if args.multihost:
             import jax
 
             # Same code path as single host: after this, jax.devices() lists every chip of the pod and the Mesh
             # spans them; each process feeds its own slice of every global batch.
             jax.distributed.initialize()
+        resolve_defaults(args)
+        workdir = Path(args.workdir) if args.workdir else default_workdir(args)
         if args.resume:
-            resolve_defaults(args)
-            workdir = Path(args.workdir) if args.workdir else default_workdir(args)
             apply_saved_settings(args, explicit, workdir)
-        else:
-            resolve_defaults(args)
-            workdir = Path(args.workdir) if args.workdir else default_workdir(args)
         try:
             validate_args(args, explicit)
             if args.init_from is not None:
@@ -738,20 +764,7 @@ def main(argv=None, *, dataset: str = "cifar10", description: str = __doc__) -> 
                 clear_workdir(workdir)
             _sync("workdir cleared")
             run(args, stages, session)
-    except KeyboardInterrupt as e:
-        if args.debug:
-            traceback.print_exception(e)
-        if session.workdir is not None and (session.workdir / SETTINGS_FILE).is_file():
-            print(f"\ninterrupted; continue this run with:\n  {resume_command(session.workdir, sys.argv[0], extra)}",
-                  file=sys.stderr)
-        else:
-            print("\ninterrupted before training started; nothing to resume (run the same command again)",
-                  file=sys.stderr)
-        return 130
-    except UsageError as e:
-        return fail(str(e), 2, e)
-    except (RunError, DataNotFoundError) as e:
-        return fail(str(e), 1, e)
-    except Exception as e:  # unexpected: keep the traceback, end with one clear line
-        return fail(f"{type(e).__name__}: {e}", 1, e)
-    return 0
+
+    extra = [f for f, on in (("--multihost", args.multihost), ("--no-progress", args.no_progress)) if on]
+    return run_cli(body, session=session, debug=args.debug, interrupted="interrupted; continue this run with",
+                   resume_argv=extra)
