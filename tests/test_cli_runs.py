@@ -237,6 +237,49 @@ def test_interrupts_wait_while_a_checkpoint_is_written():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_sigterm_is_an_interrupt_inside_and_default_again_outside():
+    import signal
+
+    from alignq_jax.training.loop import interrupts_outside
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_outside():
+            os.kill(os.getpid(), signal.SIGTERM)  # without the handler this would end the test process
+            signal.pause()  # the handler raises here
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_cli_run_with_the_resume_hint_and_resume_finishes_it(tmp_path):
+    import signal
+    import time
+
+    # A real process, stopped as a preempted VM stops it: SIGTERM during training, then --resume in a new process.
+    workdir = tmp_path / "run"
+    script = Path(__file__).resolve().parents[1] / "experiments" / "cifar10.py"
+    cmd = [sys.executable, str(script), "--dataset", "digits", "--model", "small_cnn", "--bits", "4", "--method",
+           "uniform", "--fp-epochs", "2", "--epochs", "20", "--batch-size", "32", "--limit-train", "256",
+           "--limit-test", "64", "--devices", "1", "--no-progress", "--workdir", str(workdir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not any(
+            len(m.read_text().splitlines()) >= 1 for m in workdir.glob("*w4a4*/metrics.jsonl")):
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted; continue this run with:" in err and "--resume --workdir" in err
+    assert not (workdir / "results.json").exists()
+    resumed = subprocess.run([sys.executable, str(script), "--resume", "--workdir", str(workdir), "--no-progress"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    (quantized,) = workdir.glob("*w4a4*/metrics.jsonl")
+    assert [json.loads(line)["epoch"] for line in quantized.read_text().splitlines()] == list(range(1, 21))
+    assert (workdir / "results.json").is_file()
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--lr", "-1"], "--lr must be positive; got -1.0"),
     (["--fp-lr", "0"], "--fp-lr"),

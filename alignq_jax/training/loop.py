@@ -341,19 +341,22 @@ def _rewrite(path: Path, lines: list[str]) -> None:
 
 @contextlib.contextmanager
 def interrupts_outside(packages: tuple[str, ...] = ("orbax",), retry_s: float = 0.05, max_wait_s: float = 120.0):
-    """Ctrl-C raises KeyboardInterrupt as usual, except while the main thread runs code of ``packages``: then it
-    is delivered as soon as the main thread has left them (or after ``max_wait_s``, should that code hang).
+    """Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt, except while the main thread runs code of
+    ``packages``: then it is delivered as soon as the main thread has left them (or after ``max_wait_s``, should
+    that code hang).
 
-    An Orbax checkpoint write interrupted half way leaves a thread that waits forever, so the process would hang
-    at exit instead of printing how to resume. Only acts in the main thread, and only where Ctrl-C has Python's
-    default handler (not where it is ignored, e.g. in a background job). An interrupt still waiting when the
-    block ends is raised there.
+    SIGTERM is what a preempted cloud VM, ``timeout`` or ``kill`` sends: handled like Ctrl-C, the run stops
+    cleanly and says how to resume instead of dying mid-write. An Orbax checkpoint write interrupted half way
+    leaves a thread that waits forever, so the process would hang at exit instead of printing how to resume.
+    Only acts in the main thread, and only on signals with their default handling (not where they are ignored,
+    e.g. SIGINT in a background job). An interrupt still waiting when the block ends is raised there.
     """
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    handled = [s for s, default in defaults.items() if signal.getsignal(s) is default]
+    if threading.current_thread() is not threading.main_thread() or not handled:
         yield
         return
-    waiting = {"since": None, "timer": None}
+    waiting = {"since": None, "timer": None, "signal": None}
 
     def inside(frame) -> bool:
         while frame is not None:
@@ -364,13 +367,13 @@ def interrupts_outside(packages: tuple[str, ...] = ("orbax",), retry_s: float = 
 
     def ask_again():
         waiting["timer"] = None
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), waiting["signal"])
 
     def handler(signum, frame):
         now = time.monotonic()
         if inside(frame) and (waiting["since"] is None or now - waiting["since"] < max_wait_s):
             if waiting["since"] is None:
-                waiting["since"] = now
+                waiting["since"], waiting["signal"] = now, signum
                 print("\ninterrupt: finishing the checkpoint being written first", file=sys.stderr)
             if waiting["timer"] is None:
                 waiting["timer"] = threading.Timer(retry_s, ask_again)
@@ -380,11 +383,13 @@ def interrupts_outside(packages: tuple[str, ...] = ("orbax",), retry_s: float = 
         waiting["since"] = None
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
+    for s in handled:
+        signal.signal(s, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in handled:
+            signal.signal(s, defaults[s])
         if waiting["timer"] is not None:
             waiting["timer"].cancel()
     if waiting["since"] is not None:
