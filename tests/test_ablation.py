@@ -277,9 +277,15 @@ def test_bits_a_method_does_not_define_are_skipped_with_a_note():
         "seed1/fp32", "seed1/apot-w2a2", "seed1/uniform-w2a2", "seed1/uniform-w8a8"]
     table = ablation.table_markdown(args, ablation.TABLE1_ORDER, [], skipped, best_row=False, with_ratio=False,
                                     has_corruptions=False)
-    assert table_like(table)["APoT"] == ["not run yet", "not run yet", "n/a (bits not defined)",
-                                         "n/a (bits not defined)"]
-    assert "n/a: apot at 8 bits is not defined" in ablation.notes(args, [], skipped, None, "cmd", 8)
+    assert table_like(table)[ablation.VARIANTS["apot"].label] == [
+        "not run yet", "not run yet", "n/a (bits not defined)", "n/a (bits not defined)"]
+    notes = ablation.notes(args, [], skipped, None, "cmd", 8)
+    assert "n/a: apot at 8 bits is not defined" in notes
+    # APoT's clips start at the MSE optimum, and the notes say so (uniform has no clip to start).
+    assert "APoT: learned clips start at the clip that minimises the quantization MSE" in notes
+    method = ablation.cell_config(args, cells[1]).quant.method
+    assert (method.name, method.weight_alpha_init, method.activation_alpha_init) == ("apot", "mse", "mse")
+    assert ablation.cell_config(args, cells[2]).quant.method == "uniform"
 
 
 def table_like(text: str) -> dict[str, list[str]]:
