@@ -521,6 +521,21 @@ def test_tfds_data_source_path_with_mock_data(tmp_path, name, shape, n):
 # ------------------------------------------------------------------------------------------------ digits
 
 
+def test_digits_without_scikit_learn_is_a_data_error_naming_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name == "sklearn" or name.startswith("sklearn."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    with pytest.raises(data.DataNotFoundError, match=r"pip install 'alignq_jax\[demo\]'"):
+        load_dataset("digits")
+
+
 def test_digits_offline_dataset():
     ds = load_digits_dataset()
     assert ds.name == "digits" and ds.image_shape == (8, 8, 1) and ds.num_classes == 10

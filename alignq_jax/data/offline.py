@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from alignq_jax.data.dataset import ArrayDataset
-from alignq_jax.data.specs import get_spec
+from alignq_jax.data.specs import DataNotFoundError, get_spec
 
 DIGITS_TEST_FRACTION = 0.25
 DIGITS_SPLIT_SEED = 0
@@ -28,8 +28,14 @@ def load_digits_dataset(*, test_fraction: float = DIGITS_TEST_FRACTION, seed: in
       ``ArrayDataset`` named ``digits``: images (N, 8, 8, 1) uint8, labels int32 in 0..9, N_train + N_test =
       1797 (1347 + 450 by default), mean/std from the training images, no augmentation.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:
+        raise DataNotFoundError(
+            f"the digits data set ships with scikit-learn, which is not installed ({e}): "
+            "pip install 'alignq_jax[demo]' (or scikit-learn)"
+        ) from None
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
