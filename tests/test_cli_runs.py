@@ -210,6 +210,19 @@ def test_resume_command_repeats_how_the_script_was_started(tmp_path, monkeypatch
         "alignq-cifar10 --resume --workdir w --no-progress"
 
 
+def test_recorded_command_names_an_installed_script_as_typed(tmp_path, data_dir, fake_fit, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "alignq-cifar10").write_text("#!/bin/sh\n")
+    (bin_dir / "alignq-cifar10").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(sys, "argv", [str(bin_dir / "alignq-cifar10")])
+    workdir = tmp_path / "run"
+    assert run_cli(["--data-dir", data_dir, "--workdir", workdir, *SMALL]) == 0
+    command = json.loads((workdir / cli.SETTINGS_FILE).read_text())["command"]
+    assert command.startswith("alignq-cifar10 --data-dir ") and "python" not in command
+
+
 def test_interrupts_wait_while_a_checkpoint_is_written():
     import signal
     import time

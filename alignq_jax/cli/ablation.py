@@ -55,6 +55,7 @@ from alignq_jax.cli.classification import (
     explicit_flags,
     flag,
     flag_checker,
+    invocation,
     run_cli,
     settings_of,
     workdir_lock,
@@ -1240,7 +1241,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
-    session = Session(command=shlex.join(["python", sys.argv[0], *argv]))
+    session = Session(command=shlex.join([*invocation(sys.argv[0], "experiments/ablation.py"), *argv]))
 
     def body():
         resolve_defaults(args)

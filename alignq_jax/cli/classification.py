@@ -511,17 +511,20 @@ class Session:
     command: str = ""
 
 
-def resume_command(workdir: Path, argv0: str, extra: list[str], default_script: str = "experiments/cifar10.py") -> str:
-    """The command line that continues the run in ``workdir``: the script as it was started (``argv0``: a .py
-    file, or an installed command such as alignq-cifar10), else ``default_script``."""
+def invocation(argv0: str, default_script: str = "experiments/cifar10.py") -> list[str]:
+    """How the running script was started, to repeat in printed commands: ``python <file>.py``, or an installed
+    command such as alignq-cifar10 by its name, else ``python default_script``."""
     name = os.path.basename(argv0)
     if argv0.endswith(".py"):
-        head = ["python", argv0]
-    elif name and shutil.which(name):
-        head = [name]
-    else:
-        head = ["python", default_script]
-    return shlex.join([*head, "--resume", "--workdir", str(workdir), *extra])
+        return ["python", argv0]
+    if name and shutil.which(name):
+        return [name]
+    return ["python", default_script]
+
+
+def resume_command(workdir: Path, argv0: str, extra: list[str], default_script: str = "experiments/cifar10.py") -> str:
+    """The command line that continues the run in ``workdir`` (the script as :func:`invocation` gives it)."""
+    return shlex.join([*invocation(argv0, default_script), "--resume", "--workdir", str(workdir), *extra])
 
 
 def _write(path: Path, text: str) -> None:
@@ -735,7 +738,7 @@ def main(argv=None, *, dataset: str = "cifar10", description: str = __doc__) -> 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
-    session = Session(command=shlex.join(["python", sys.argv[0], *argv]))
+    session = Session(command=shlex.join([*invocation(sys.argv[0]), *argv]))
 
     def body():
         if args.multihost:
