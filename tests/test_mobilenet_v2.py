@@ -1,0 +1,348 @@
+"""MobileNetV2 for 32x32 inputs: torchvision's parameter count, the quantizer placement of AlignQ (every BN output
+quantized; ReLU6 after the unsigned-grid quantizer) and of conv-input methods (only the convs after a ReLU6
+quantize their input), the FP network at 32 bits (ReLU6's cap at 6 included), jit == no-jit, and per-layer rules
+by module path. The forward is recorded with Flax method interception, as in test_models."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alignq_jax import quantizers
+from alignq_jax.methods import METHODS, get_method
+from alignq_jax.models.mobilenet_v2 import INVERTED_RESIDUAL_SETTINGS, MobileNetV2, mobilenet_v2
+from alignq_jax.quantize import (
+    GAP_COLLECTION, ConvQuantizer, QuantBatchNorm, QuantConfig, QuantConv, QuantRules, gap_shapes, layer_report,
+    module_path,
+)
+from test_models import CFG, _check_bn_quant, _check_fp_classifier, _only, record_calls
+from test_placement_conv_input import _expected_state, numpy_batchnorm
+from test_placement_conv_input import random_variables as random_variables_with_quantizers
+
+N_BLOCKS = 17
+N_CONVS = 52  # stem, 2 in block0 (t=1), 3 in each of the 16 others, head; one BN after each
+
+
+def _blocks():
+    """(name, input channels, expansion, output channels, stride) of every block, from the torchvision table
+    written out here (the 24-channel stage at stride 1 for 32x32 inputs)."""
+    table = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+             (6, 320, 1, 1)]
+    assert tuple(table) == INVERTED_RESIDUAL_SETTINGS
+    out, cin = [], 32
+    for t, c, n, s in table:
+        for b in range(n):
+            out.append((f"block{len(out)}", cin, t, c, s if b == 0 else 1))
+            cin = c
+    return out
+
+
+def _param_count(variables) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
+
+
+def _shapes(model, size=32):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)), train=True))
+
+
+def fp_variables(model, x, seed=0, bn_scale=(0.8, 1.2)):
+    """Variables of a model without quantizer state, filled in numpy: He-normal kernels, BN scales drawn from
+    ``bn_scale``, variances near 1, biases and means near 0."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=True))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), leaf.shape), jnp.float32)
+        if name == "scale":
+            return jnp.asarray(rng.uniform(*bn_scale, leaf.shape), jnp.float32)
+        if name == "var":
+            return jnp.asarray(rng.uniform(0.8, 1.2, leaf.shape), jnp.float32)
+        return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter count and layer shapes
+
+
+@pytest.mark.parametrize("num_classes, count", [(1000, 3_504_872), (10, 2_236_682)])
+def test_parameter_count_matches_torchvision(num_classes, count):
+    """torchvision's mobilenet_v2() has 3,504,872 parameters (BN scale and bias included, running statistics
+    not); the strides changed for 32x32 do not change it. With 10 classes the Dense has 1280*990 + 990 fewer."""
+    shapes = _shapes(mobilenet_v2(config=CFG, num_classes=num_classes))
+    assert _param_count(shapes) == count
+    assert 3_504_872 - 2_236_682 == 1280 * 990 + 990
+    flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+    assert not any("conv" in jax.tree_util.keystr(k) and "bias" in jax.tree_util.keystr(k) for k, _ in flat)
+    assert not any("depthwise" in jax.tree_util.keystr(k) and "bias" in jax.tree_util.keystr(k)
+                   and "_bn" not in jax.tree_util.keystr(k) for k, _ in flat)
+
+
+def test_layer_shapes_follow_the_table():
+    params = _shapes(mobilenet_v2(config=QuantConfig()))["params"]
+    assert params["stem_conv"]["kernel"].shape == (3, 3, 3, 32)
+    for name, cin, t, c, _ in _blocks():
+        hidden = cin * t
+        block = params[name]
+        assert ("expand_conv" in block) == (t != 1), name
+        if t != 1:
+            assert block["expand_conv"]["kernel"].shape == (1, 1, cin, hidden)
+        assert block["depthwise"]["kernel"].shape == (3, 3, 1, hidden)  # one filter per channel
+        assert block["project_conv"]["kernel"].shape == (1, 1, hidden, c)
+    assert len([k for k in params if k.startswith("block")]) == N_BLOCKS
+    assert params["head_conv"]["kernel"].shape == (1, 1, 320, 1280)
+    assert params["fc"]["kernel"].shape == (1280, 10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AlignQ: BN -> Q -> ReLU6, projection BN -> Q
+
+
+@pytest.mark.slow  # eager recorded forward: about 50 s on 2 CPU cores
+def test_alignq_quantizer_placement():
+    """Every conv (depthwise ones included) convolves its quantized kernel; every BN output is quantized: with
+    relu=True (the unsigned grid, then min(., 6)) before each ReLU6, relu=False after a projection conv; residual
+    adds where the stride is 1 and the channels match; image and classifier full precision."""
+    model = MobileNetV2(config=CFG)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))  # 16 -> 8 -> 4 -> 2: placement is size-independent
+    v = jax.jit(lambda x: model.init(jax.random.key(1), x, train=True))(x)
+    (logits, _), calls = record_calls(model, v, x, train=True, mutable=["batch_stats", GAP_COLLECTION])
+    params = v["params"]
+
+    stem_conv, stem_bn = _check_bn_quant(calls, ("stem_conv",), ("stem_bn",), params, CFG, relu=True)
+    np.testing.assert_array_equal(stem_conv.args[0], x)  # the image itself, unquantized
+    h = np.minimum(stem_bn.out, 6.0)
+    residuals = 0
+    for name, cin, t, c, stride in _blocks():
+        blk = _only(calls, (name,))
+        np.testing.assert_array_equal(blk.args[0], h)
+        if t != 1:
+            ce, be = _check_bn_quant(calls, (name, "expand_conv"), (name, "expand_bn"), params, CFG, relu=True)
+            assert ce.args[0] is blk.args[0] and ce.module.kernel_size == (1, 1)
+            dw_in = np.minimum(be.out, 6.0)
+        else:
+            assert (name, "expand_conv") not in calls and (name, "expand_bn") not in calls
+            dw_in = h
+        cd, bd = _check_bn_quant(calls, (name, "depthwise"), (name, "depthwise_bn"), params, CFG, relu=True)
+        np.testing.assert_array_equal(cd.args[0], dw_in)
+        assert cd.module.feature_group_count == cin * t and cd.module.strides == stride
+        assert params[name]["depthwise"]["kernel"].shape == (3, 3, 1, cin * t)
+        # Unsigned grid before the ReLU6: at most 2^bits values, all >= 0.
+        assert np.asarray(bd.out).min() >= 0 and len(np.unique(bd.out)) <= 2**CFG.a_bits
+        cp, bp = _check_bn_quant(calls, (name, "project_conv"), (name, "project_bn"), params, CFG, relu=False)
+        np.testing.assert_array_equal(cp.args[0], np.minimum(bd.out, 6.0))
+        if stride == 1 and cin == c:
+            np.testing.assert_array_equal(blk.out, bp.out + blk.args[0])
+            residuals += 1
+        else:
+            assert blk.out is bp.out
+        h = blk.out
+    assert residuals == 10
+    head_conv, head_bn = _check_bn_quant(calls, ("head_conv",), ("head_bn",), params, CFG, relu=True)
+    assert head_conv.args[0] is h
+    assert len([p for p, c in calls.items() if isinstance(c[0].module, QuantBatchNorm)]) == N_CONVS
+    assert len([p for p, c in calls.items() if isinstance(c[0].module, QuantConv)]) == N_CONVS
+    assert len(jax.tree.leaves(gap_shapes(model, v, x, train=True))) == N_CONVS  # one correlation term each
+    fc = _check_fp_classifier(calls, params, np.minimum(head_bn.out, 6.0))
+    np.testing.assert_array_equal(fc.out, logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conv-input methods: only convs after a ReLU6 quantize their input
+
+QUANTIZED_INPUT = ("depthwise", "project_conv")
+FP_INPUT = ("stem_conv", "expand_conv", "head_conv")
+
+
+def _record_operands(seen):
+    def intercept(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        m = context.module
+        if isinstance(m, ConvQuantizer) and context.method_name in ("__call__", "op"):
+            entry = seen.setdefault(module_path(m.parent), {})
+            entry[context.method_name] = args[0]
+            if context.method_name == "op":
+                entry["kernel"] = args[1]
+        elif isinstance(m, QuantBatchNorm) and context.method_name == "__call__":
+            seen[module_path(m)] = {"in": args[0], "out": out}
+        return out
+
+    return intercept
+
+
+def _run_recorded(model, variables, x, train=True):
+    def run(v):
+        seen = {}
+        with nn.intercept_methods(_record_operands(seen)):
+            out, updates = model.apply(v, x, train=train, mutable=["batch_stats", GAP_COLLECTION])
+        return out, seen, updates
+
+    return jax.jit(run)(variables)
+
+
+def _conv_input_params():
+    names = ("lsq", "pact", "dorefa", "apot", "absmax")
+    return [pytest.param(n, marks=[pytest.mark.skipif(n not in METHODS, reason=f"{n!r} is not registered")]
+                         + ([] if n == "lsq" else [pytest.mark.slow])) for n in names]
+
+
+@pytest.mark.parametrize("method_name", _conv_input_params())
+def test_conv_input_method_quantizes_only_inputs_after_relu6(method_name):
+    bits = 4
+    method = get_method(method_name)
+    model = MobileNetV2(config=QuantConfig(bits, bits, method=method_name))
+    x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
+    variables = random_variables_with_quantizers(model, x, method, bits)
+    _, seen, updates = _run_recorded(model, variables, x)
+    assert not jax.tree.leaves(updates.get(GAP_COLLECTION, {}))
+    convs = [p for p, r in seen.items() if "op" in r]
+    assert len(convs) == N_CONVS
+    params = variables["params"]
+    n_quantized = 0
+    for path in convs:
+        raw, used = np.asarray(seen[path]["__call__"]), np.asarray(seen[path]["op"])
+        kind = path.split("/")[-1]
+        # Weights always quantized (the depthwise (3, 3, 1, C) kernels too).
+        p = params
+        for k in path.split("/"):
+            p = p[k]
+        quantizer = p.get("ConvQuantizer_0", {})
+        want_w = method.quantize_weight(quantizer.get("weight", {}), p["kernel"], bits)
+        np.testing.assert_allclose(seen[path]["kernel"], want_w, rtol=0, atol=1e-6, err_msg=path)
+        assert np.abs(np.asarray(seen[path]["kernel"]) - np.asarray(p["kernel"])).max() > 1e-4, path
+        if kind in FP_INPUT:
+            np.testing.assert_array_equal(used, raw, err_msg=path)
+            assert "activation" not in quantizer, path
+            if kind != "stem_conv":
+                assert raw.min() < 0, f"{path}: expected a signed input"
+            else:
+                np.testing.assert_array_equal(raw, x)
+            continue
+        assert kind in QUANTIZED_INPUT, path
+        block = path.split("/")[0]
+        before = {"project_conv": f"{block}/depthwise_bn",
+                  "depthwise": "stem_bn" if block == "block0" else f"{block}/expand_bn"}[kind]
+        np.testing.assert_array_equal(raw, np.minimum(np.asarray(seen[before]["out"]), 6.0), err_msg=path)
+        assert 0.0 <= raw.min() and raw.max() <= 6.0, path
+        state = _expected_state(method, variables, path, jnp.asarray(raw), True)
+        want = method.quantize_activation(state, jnp.asarray(raw), bits)
+        np.testing.assert_allclose(used, want, rtol=0, atol=1e-6, err_msg=path)
+        assert len(np.unique(used)) <= 2**bits, path
+        assert np.abs(used - raw).max() > 1e-3, f"{path}: the input was not quantized"
+        n_quantized += 1
+    assert n_quantized == 2 * N_BLOCKS
+    # Every BN is a plain BN (-> ReLU before the cap), nothing quantized.
+    bns = [p for p, r in seen.items() if "in" in r]
+    assert len(bns) == N_CONVS
+    for path in bns:
+        p, s = params, variables["batch_stats"]
+        for k in path.split("/"):
+            p, s = p[k], s[k]
+        want = numpy_batchnorm(seen[path]["in"], p["scale"], p["bias"], s["mean"], s["var"],
+                               relu=not path.endswith("project_bn"), train=True)
+        np.testing.assert_allclose(seen[path]["out"], want, rtol=1e-4, atol=1e-4, err_msg=path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full precision, jit, rules
+
+
+def test_fp32_config_is_the_plain_network_with_relu6():
+    """QuantConfig(): no quantizer state or gaps, (B, num_classes) logits, and ReLU6 = clip(BN, 0, 6) with the cap
+    reached (BN scales of 4-8 push many values past 6)."""
+    model = mobilenet_v2(config=QuantConfig(), num_classes=10)
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    init = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=True))
+    assert set(init) == {"params", "batch_stats"}
+    assert not any("Quantizer" in jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(init)[0])
+    assert not jax.tree.leaves(gap_shapes(model, init, x, train=True))
+    v = fp_variables(model, x, bn_scale=(4.0, 8.0))
+    logits, seen, updates = _run_recorded(model, v, x)
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert not jax.tree.leaves(updates.get(GAP_COLLECTION, {}))
+    capped = 0
+    for name, _, t, _, _ in _blocks():
+        bn_before_dw = "stem_bn" if t == 1 else f"{name}/expand_bn"
+        for conv, bn in ((f"{name}/depthwise", bn_before_dw), (f"{name}/project_conv", f"{name}/depthwise_bn")):
+            pre = np.asarray(seen[bn]["out"])  # BN -> ReLU
+            np.testing.assert_array_equal(seen[conv]["__call__"], np.clip(pre, 0.0, 6.0))
+            np.testing.assert_array_equal(seen[conv]["op"], seen[conv]["__call__"])  # FP: nothing quantized
+            capped += int(pre.max() > 6.0)
+    assert capped > N_BLOCKS  # the cap really acts
+
+
+def _record_bns(seen):
+    def intercept(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, QuantBatchNorm) and context.method_name == "__call__":
+            seen[module_path(context.module)] = (args[0], out)
+        return out
+
+    return intercept
+
+
+@pytest.mark.slow  # eager forward of 52 quantized layers: about 35 s on 2 CPU cores
+def test_jit_equals_no_jit_in_evaluation():
+    """The FP network: jitted logits equal eager ones (to float32 reordering). The 4-bit AlignQ network: every BN -> Q gives the same
+    output jitted and eager wherever its input is the same (up to 1e-5), except threshold flips (a few elements,
+    one level). Whole-network logits are not compared there: the grid levels themselves can differ by one float32
+    ulp between the compiled and the eager computation, and over 52 quantized layers such differences flip
+    roundings that then spread."""
+    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    fp = MobileNetV2(config=QuantConfig(), num_classes=10)
+    v = fp_variables(fp, x)  # alignq keeps no quantizer state: the same variables serve the 4-bit model
+    eager = fp.apply(v, x, train=False)
+    jitted = jax.jit(lambda v, x: fp.apply(v, x, train=False))(v, x)
+    assert eager.shape == (2, 10)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-4)  # float32 reordering over 52 conv + BN
+
+    cfg = QuantConfig(4, 4)
+    model = MobileNetV2(config=cfg, num_classes=10)
+
+    def run(v, x):
+        seen = {}
+        with nn.intercept_methods(_record_bns(seen)):
+            model.apply(v, x, train=False)
+        return seen
+
+    eager, jitted = run(v, x), jax.jit(run)(v, x)
+    assert len(eager) == N_CONVS
+    step = 2 * cfg.act_range / (2**cfg.a_bits - 1)
+    compared = 0
+    for path, (ie, oe) in eager.items():
+        ij, oj = jitted[path]
+        same_input = np.abs(np.asarray(ie) - np.asarray(ij)) <= 1e-5
+        diff = np.abs(np.asarray(oe) - np.asarray(oj))[same_input]
+        if path == "stem_bn":
+            assert same_input.all()
+        if diff.size:
+            assert diff.max() <= step * 1.001, path
+            assert np.mean(diff > 1e-5) < 1e-3, path
+            compared += diff.size
+    assert compared > 10**5
+
+
+def test_rules_give_depthwise_layers_their_own_bits():
+    """QuantRules by module path: "depthwise" matches every block's depthwise conv and its BN (8 bits), the rest
+    takes the default (4 bits); the depthwise kernel convolved is the 8-bit one."""
+    rules = QuantRules([("depthwise", QuantConfig(8, 8))], default=QuantConfig(4, 4))
+    model = MobileNetV2(config=rules)
+    x = jax.random.normal(jax.random.key(5), (2, 8, 8, 3))
+    v = fp_variables(model, x)
+    report = layer_report(model, v, x, train=True)
+    assert report.unmatched == ()
+    eight = {p for p, c in report.layers.items() if c.w_bits == 8}
+    assert eight == {f"block{i}/{n}" for i in range(N_BLOCKS) for n in ("depthwise", "depthwise_bn")}
+    assert len(report.layers) == 2 * N_CONVS
+    assert all(c.w_bits == 4 for p, c in report.layers.items() if p not in eight)
+    _, seen, _ = _run_recorded(model, v, x)
+    for path, bits in (("block5/depthwise", 8), ("block5/project_conv", 4)):
+        kernel = v["params"]["block5"][path.split("/")[1]]["kernel"]
+        np.testing.assert_allclose(seen[path]["kernel"], quantizers.alignq_weight(kernel, bits), atol=1e-6)
+        assert len(np.unique(seen[path]["kernel"])) <= 2**bits
+    assert len(np.unique(seen["block5/depthwise"]["kernel"])) > 16  # more than 4 bits' worth
