@@ -25,7 +25,8 @@ from alignq_jax.cli.classification import DEFAULT_CORRELATION_FEATURES
 from alignq_jax.quantize import QuantConfig
 from alignq_jax.training import TrainConfig, canonical_state, create_train_state, make_steps
 
-IMAGE_SHAPES = {"resnet20": (32, 32, 3), "resnet56": (32, 32, 3), "small_cnn": (28, 28, 1)}
+IMAGE_SHAPES = {"resnet20": (32, 32, 3), "resnet56": (32, 32, 3), "mobilenet_v2": (32, 32, 3),
+                "densenet40": (32, 32, 3), "small_cnn": (28, 28, 1)}
 
 
 def variants(bits: int, args) -> dict[str, TrainConfig]:
