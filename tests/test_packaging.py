@@ -115,7 +115,8 @@ def test_scripts_do_not_edit_sys_path():
     assert offenders == []
 
 
-@pytest.mark.parametrize("script", ["experiments/cifar10.py", "experiments/digits.py", "experiments/ablation.py"])
+@pytest.mark.parametrize("script", ["experiments/cifar10.py", "experiments/svhn.py", "experiments/digits.py",
+                                    "experiments/ablation.py"])
 def test_experiment_scripts_run_from_another_directory(tmp_path, script):
     # sys.path[0] is experiments/, not the repository root: the import only works through the installed package.
     out = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, env=_subprocess_env(),
