@@ -23,81 +23,60 @@ the plain FP network.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignq_jax.models.resnet_cifar import BN_MOMENTUM, bn_quant, conv_factory
-from alignq_jax.quantize import QuantConfig, QuantRules
+from alignq_jax.models.layers import QuantClassifier, QuantLayers
 
 STEM_WIDTH = 16  # the paper's first conv for the plain DenseNet (DenseNet-BC uses 2k)
 NUM_BLOCKS = 3
 
 
-def _pre_act_conv(layer: nn.Module, x, train: bool, kernel_size: int):
-    """BN (-> Q) -> ReLU -> conv ``layer.features`` x (kernel_size x kernel_size), "same" padding, as the submodules
+def _pre_act_conv(layer: QuantLayers, features: int, x, train: bool, kernel_size: int):
+    """BN (-> Q) -> ReLU -> conv ``features`` x (kernel_size x kernel_size), "same" padding, as the submodules
     "bn" and "conv" of ``layer`` (called inside its compact ``__call__``). The conv's weights are quantized, and its
     input too for conv-input methods. (B, H, W, C) -> (B, H, W, features)."""
-    y = bn_quant(layer.config, train, layer.bn_axis_name, layer.correlation_axis_name, momentum=layer.bn_momentum,
-                 relu=True, name="bn")(x)
-    conv = conv_factory(layer.config, layer.dtype, train, layer.bn_momentum, layer.bn_axis_name)
-    return conv(layer.features, (kernel_size, kernel_size), padding=kernel_size // 2, name="conv")(y)
+    conv, bn_q = layer.conv_and_bn(train)
+    y = bn_q(relu=True, name="bn")(x)
+    return conv(features, (kernel_size, kernel_size), padding=kernel_size // 2, name="conv")(y)
 
 
-class DenseLayer(nn.Module):
+class DenseLayer(QuantLayers, kw_only=True):
     """One layer of a dense block: its BN (-> Q) -> ReLU -> 3x3 conv output (``features`` = growth-rate channels)
     concatenated to its input. Input (B, H, W, C), output (B, H, W, C + features)."""
 
     features: int
-    config: QuantConfig | QuantRules
-    bn_axis_name: str | None = None
-    correlation_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        return jnp.concatenate([x, _pre_act_conv(self, x, train, 3)], axis=-1)
+        return jnp.concatenate([x, _pre_act_conv(self, self.features, x, train, 3)], axis=-1)
 
 
-class Transition(nn.Module):
+class Transition(QuantLayers, kw_only=True):
     """Between dense blocks: BN (-> Q) -> ReLU -> 1x1 conv (``features`` = the input's channel count) -> 2x2
     average pooling. Input (B, H, W, C), output (B, H // 2, W // 2, features)."""
 
     features: int
-    config: QuantConfig | QuantRules
-    bn_axis_name: str | None = None
-    correlation_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        return nn.avg_pool(_pre_act_conv(self, x, train, 1), (2, 2), strides=(2, 2))
+        return nn.avg_pool(_pre_act_conv(self, self.features, x, train, 1), (2, 2), strides=(2, 2))
 
 
-class DenseNet(nn.Module):
+class DenseNet(QuantClassifier):
     """DenseNet-(3n+4) without bottleneck or compression for 32x32 inputs (any size divisible by 4 works).
 
     ``depth`` = 3n + 4 counts the stem conv, 3n layer convs, the 2 transition convs and the classifier; each dense
     block has n layers of ``growth_rate`` channels. DenseNet-40 (k=12, the registered default): 1,019,722
     parameters with 10 classes (the paper's Table 2 gives 1.0M; convs without bias, BatchNorm scale and bias
-    counted, running statistics not), 39 BatchNorms (36 layers, 2 transitions, the final one), 39 convs.
-    ``bn_momentum``: the running-statistics momentum of every BatchNorm (and of quantizer statistics), 0.9 =
-    PyTorch's 0.1.
+    counted, running statistics not), 39 BatchNorms (36 layers, 2 transitions, the final one), 39 convs. The layer
+    fields are ``QuantLayers``'.
 
     Input (B, H, W, C) images; output (B, num_classes) float32 logits.
     """
 
-    config: QuantConfig | QuantRules = QuantConfig()
-    num_classes: int = 10
     depth: int = 40
     growth_rate: int = 12
-    bn_axis_name: str | None = None
-    correlation_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = BN_MOMENTUM
 
     def __post_init__(self):
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 7 or (self.depth - 4) % 3:
@@ -114,24 +93,19 @@ class DenseNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        common = dict(config=self.config, bn_axis_name=self.bn_axis_name,
-                      correlation_axis_name=self.correlation_axis_name, dtype=self.dtype,
-                      bn_momentum=self.bn_momentum)
         x = x.astype(self.dtype)
-        stem = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
-        x = stem(STEM_WIDTH, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)
+        conv, bn_q = self.conv_and_bn(train)
+        x = conv(STEM_WIDTH, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)
         for block in range(NUM_BLOCKS):
             if block:
-                x = Transition(x.shape[-1], name=f"transition{block - 1}", **common)(x, train)
+                x = Transition(features=x.shape[-1], name=f"transition{block - 1}", **self.layer_fields())(x, train)
             for layer in range(self.layers_per_block):
-                x = DenseLayer(self.growth_rate, name=f"block{block}_layer{layer}", **common)(x, train)
-        x = bn_quant(self.config, train, self.bn_axis_name, self.correlation_axis_name, momentum=self.bn_momentum,
-                     relu=True, name="final_bn")(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))
+                x = DenseLayer(features=self.growth_rate, name=f"block{block}_layer{layer}",
+                               **self.layer_fields())(x, train)
+        x = bn_q(relu=True, name="final_bn")(x)
+        return self.classify(x)
 
 
 def densenet40(**kwargs) -> DenseNet:
     """DenseNet-40 (k=12): 1,019,722 parameters with 10 classes."""
     return DenseNet(**{"depth": 40, "growth_rate": 12, **kwargs})
-

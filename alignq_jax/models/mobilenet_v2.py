@@ -37,14 +37,12 @@ Where the activation quantizer sits is the method's placement:
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignq_jax.models.resnet_cifar import BN_MOMENTUM, bn_quant, conv_factory
-from alignq_jax.quantize import QuantConfig, QuantRules
+from alignq_jax.models.layers import QuantClassifier, QuantLayers
 
 # (expansion t, output channels c, blocks n, stride s of the first block); torchvision's with s=1 for c=24.
 INVERTED_RESIDUAL_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -59,7 +57,7 @@ def relu6_cap(y):
     return jnp.minimum(y, RELU6_CAP)
 
 
-class InvertedResidual(nn.Module):
+class InvertedResidual(QuantLayers, kw_only=True):
     """[1x1 expansion conv -> BN -> ReLU6] -> 3x3 depthwise conv -> BN -> ReLU6 -> 1x1 projection conv -> BN
     (+ input where ``strides`` is 1 and the channel count is unchanged). Input (B, H, W, C_in), output
     (B, H / strides, W / strides, features)."""
@@ -67,17 +65,10 @@ class InvertedResidual(nn.Module):
     features: int
     expansion: int
     strides: int
-    config: QuantConfig | QuantRules
-    bn_axis_name: str | None = None
-    correlation_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
-        bn_q = partial(bn_quant, self.config, train, self.bn_axis_name, self.correlation_axis_name,
-                       momentum=self.bn_momentum)
+        conv, bn_q = self.conv_and_bn(train)
         in_features = x.shape[-1]
         hidden = in_features * self.expansion
         y = x
@@ -94,39 +85,30 @@ class InvertedResidual(nn.Module):
         return y
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(QuantClassifier):
     """MobileNetV2 for 32x32 images (stem and the 24-channel stage at stride 1): 32x32 -> 16 -> 8 -> 4 before the
-    global average pool. Input (B, H, W, C) images; output (B, num_classes) float32 logits. ``bn_momentum``: the
-    running-statistics momentum of every BatchNorm (and of quantizer statistics), 0.9 = PyTorch's 0.1."""
+    global average pool. ``block_settings``: the (expansion t, output channels c, blocks n, first stride s) table,
+    torchvision's by default (``INVERTED_RESIDUAL_SETTINGS``); the layer fields are ``QuantLayers``'. Input
+    (B, H, W, C) images; output (B, num_classes) float32 logits."""
 
-    config: QuantConfig | QuantRules = QuantConfig()
-    num_classes: int = 10
-    bn_axis_name: str | None = None
-    correlation_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = BN_MOMENTUM
+    block_settings: Sequence[tuple[int, int, int, int]] = INVERTED_RESIDUAL_SETTINGS
 
     @nn.compact
     def __call__(self, x, train: bool = True):
         x = x.astype(self.dtype)
-        conv = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
-        bn_q = partial(bn_quant, self.config, train, self.bn_axis_name, self.correlation_axis_name,
-                       momentum=self.bn_momentum)
+        conv, bn_q = self.conv_and_bn(train)
         x = conv(STEM_WIDTH, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)  # the image
         x = relu6_cap(bn_q(relu=True, name="stem_bn")(x))
         i = 0
-        for t, c, n, s in INVERTED_RESIDUAL_SETTINGS:
+        for t, c, n, s in self.block_settings:
             for block in range(n):
-                x = InvertedResidual(
-                    c, t, s if block == 0 else 1, self.config, self.bn_axis_name, self.correlation_axis_name,
-                    self.dtype, self.bn_momentum, name=f"block{i}",
-                )(x, train)
+                x = InvertedResidual(features=c, expansion=t, strides=s if block == 0 else 1, name=f"block{i}",
+                                     **self.layer_fields())(x, train)
                 i += 1
         # The last block's projection output is signed: not quantized by conv-input methods.
         x = conv(HEAD_WIDTH, (1, 1), padding=0, quantize_input=False, name="head_conv")(x)
         x = relu6_cap(bn_q(relu=True, name="head_bn")(x))
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))
+        return self.classify(x)
 
 
 def mobilenet_v2(**kwargs) -> MobileNetV2:

@@ -15,58 +15,24 @@ With ``QuantConfig()`` (32 bits) this is the plain FP network.
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from alignq_jax.quantize import QuantBatchNorm, QuantConfig, QuantConv, QuantRules
-
-# PyTorch BatchNorm2d defaults: momentum 0.1 there is 0.9 here; eps 1e-5.
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
+from alignq_jax.models.layers import QuantClassifier, QuantLayers
 
 
-def bn_quant(config, train: bool, axis_name: str | None, correlation_axis_name: str | None, *,
-             momentum: float = BN_MOMENTUM, **kwargs):
-    """BN (-> activation quantizer for BN-output methods) (-> ReLU with relu=True) as one ``QuantBatchNorm``."""
-    return QuantBatchNorm(
-        config,
-        use_running_average=not train,
-        momentum=momentum,
-        epsilon=BN_EPSILON,
-        axis_name=axis_name if train else None,
-        correlation_axis_name=correlation_axis_name,
-        **kwargs,
-    )
+class BasicBlock(QuantLayers, kw_only=True):
+    """conv -> BN (-> Q) -> ReLU -> conv -> BN (-> Q) (+ shortcut) -> ReLU; a 1x1 conv -> BN (-> Q) shortcut where
+    ``strides`` or the channel count changes. Input (B, H, W, C), output (B, H / strides, W / strides, features)."""
 
-
-def conv_factory(config, dtype: Any, train: bool = True, momentum: float = BN_MOMENTUM,
-                 axis_name: str | None = None):
-    """Quantized conv with PyTorch-like settings for CIFAR ResNets (no bias, Kaiming-normal init). ``train``,
-    ``momentum`` and ``axis_name`` (BatchNorm's) drive the running statistics some methods keep for their input
-    quantizer."""
-    return partial(
-        QuantConv, config=config, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), dtype=dtype,
-        use_running_average=not train, stats_momentum=momentum, stats_axis_name=axis_name if train else None,
-    )
-
-
-class BasicBlock(nn.Module):
     features: int
     strides: int
-    config: QuantConfig | QuantRules
-    bn_axis_name: str | None = None
-    correlation_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
-        conv = conv_factory(self.config, self.dtype, train, self.bn_momentum, self.bn_axis_name)
-        bn_q = partial(bn_quant, self.config, train, self.bn_axis_name, self.correlation_axis_name,
-                       momentum=self.bn_momentum)
+        conv, bn_q = self.conv_and_bn(train)
         y = conv(self.features, (3, 3), strides=self.strides, padding=1, name="conv0")(x)
         y = bn_q(relu=True, name="bn0")(y)  # conv -> BN -> Q -> ReLU
         y = conv(self.features, (3, 3), padding=1, name="conv1")(y)
@@ -77,18 +43,12 @@ class BasicBlock(nn.Module):
         return nn.relu(y + x)
 
 
-class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs: 16-32-64 channels, n blocks per stage. ``bn_momentum``: the running-statistics
-    momentum of every BatchNorm (and of quantizer statistics), 0.9 = PyTorch's 0.1."""
+class CifarResNet(QuantClassifier, kw_only=True):
+    """ResNet-(6n+2) for 32x32 inputs: 16-32-64 channels, n = ``blocks_per_stage`` blocks per stage (the layer
+    fields are ``QuantLayers``'). Input (B, H, W, C) images; output (B, num_classes) float32 logits."""
 
     blocks_per_stage: int
-    config: QuantConfig | QuantRules = QuantConfig()
-    num_classes: int = 10
     widths: Sequence[int] = (16, 32, 64)
-    bn_axis_name: str | None = None
-    correlation_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
@@ -96,30 +56,22 @@ class CifarResNet(nn.Module):
         return residual_network(self, x, train, self.widths[0], stages)
 
 
-def residual_network(net: nn.Module, x, train: bool, stem_width: int, stages) -> jnp.ndarray:
-    """The body the residual models share, called inside ``net``'s compact ``__call__`` (its fields config,
-    num_classes, bn_axis_name, correlation_axis_name, dtype, bn_momentum): stem conv (never quantizing its input,
-    the image) -> BN (-> Q) -> ReLU, then ``stages`` [(width, blocks, stride of the first block)] of BasicBlocks
-    named "stage{s}_block{b}", global average pooling and a full-precision Dense "fc". Returns float32 logits."""
+def residual_network(net: QuantClassifier, x, train: bool, stem_width: int, stages) -> jnp.ndarray:
+    """The body the residual models share, called inside ``net``'s compact ``__call__``: stem conv (never
+    quantizing its input, the image) -> BN (-> Q) -> ReLU, then ``stages`` [(width, blocks, stride of the first
+    block)] of BasicBlocks named "stage{s}_block{b}", global average pooling and a full-precision Dense "fc".
+    Returns float32 logits."""
     x = x.astype(net.dtype)
-    stem = conv_factory(net.config, net.dtype, train, net.bn_momentum, net.bn_axis_name)
-    x = stem(stem_width, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)
-    x = bn_quant(net.config, train, net.bn_axis_name, net.correlation_axis_name, momentum=net.bn_momentum,
-                 relu=True, name="stem_bn")(x)
+    conv, bn_q = net.conv_and_bn(train)
+    x = conv(stem_width, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)
+    x = bn_q(relu=True, name="stem_bn")(x)
     for stage, (width, blocks, first_stride) in enumerate(stages):
         for block in range(int(blocks)):
             x = BasicBlock(
-                width,
-                int(first_stride) if block == 0 else 1,
-                net.config,
-                net.bn_axis_name,
-                net.correlation_axis_name,
-                net.dtype,
-                net.bn_momentum,
-                name=f"stage{stage}_block{block}",
+                features=width, strides=int(first_stride) if block == 0 else 1, name=f"stage{stage}_block{block}",
+                **net.layer_fields(),
             )(x, train)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(net.num_classes, dtype=jnp.float32, name="fc")(x.astype(jnp.float32))
+    return net.classify(x)
 
 
 def resnet20(**kwargs) -> CifarResNet:

@@ -9,16 +9,15 @@ is quantized; the input image, the block outputs and the classifier stay full pr
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from alignq_jax.models.resnet_cifar import BN_MOMENTUM, residual_network
-from alignq_jax.quantize import QuantConfig, QuantRules
+from alignq_jax.models.layers import QuantClassifier
+from alignq_jax.models.resnet_cifar import residual_network
 
 
-class SmallResNet(nn.Module):
+class SmallResNet(QuantClassifier):
     """Stem conv(stem_width) -> stages of BasicBlocks -> global average pool -> FP Dense.
 
     Stage ``s`` has ``blocks_per_stage[s]`` blocks of ``widths[s]`` channels; its first block has stride
@@ -36,16 +35,10 @@ class SmallResNet(nn.Module):
     Input (B, H, W, C) images; output (B, num_classes) float32 logits.
     """
 
-    config: QuantConfig | QuantRules = QuantConfig()
-    num_classes: int = 10
     stem_width: int = 16
     widths: Sequence[int] = (32, 64, 128)
     blocks_per_stage: Sequence[int] = (1, 1, 1)
     strides: Sequence[int] = (2, 2, 2)
-    bn_axis_name: str | None = None
-    correlation_axis_name: str | None = None
-    dtype: Any = jnp.float32
-    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x, train: bool = True):
