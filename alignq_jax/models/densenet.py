@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from alignq_jax.models.layers import QuantClassifier, QuantLayers
 
-STEM_WIDTH = 16  # the paper's first conv for the plain DenseNet (DenseNet-BC uses 2k)
+STEM_WIDTH = 16  # Huang et al.'s first conv for the plain DenseNet (DenseNet-BC uses 2k)
 NUM_BLOCKS = 3
 
 
@@ -69,7 +69,9 @@ class DenseNet(QuantClassifier):
     ``depth`` = 3n + 4 counts the stem conv, 3n layer convs, the 2 transition convs and the classifier; each dense
     block has n layers of ``growth_rate`` channels. DenseNet-40 (k=12, the registered default): 1,019,722
     parameters with 10 classes (the paper's Table 2 gives 1.0M; convs without bias, BatchNorm scale and bias
-    counted, running statistics not), 39 BatchNorms (36 layers, 2 transitions, the final one), 39 convs. The layer
+    counted, running statistics not), 39 BatchNorms (36 layers, 2 transitions, the final one), 39 convs.
+    ``stem_width``: channels of the first conv, 16 as in Huang et al.'s plain DenseNet (16 -> 160 -> 304 -> 448
+    channels); the official AlignQ code uses 24 = 2k (24 -> 168 -> 312 -> 456, 1,059,298 parameters). The layer
     fields are ``QuantLayers``'.
 
     Input (B, H, W, C) images; output (B, num_classes) float32 logits.
@@ -77,14 +79,17 @@ class DenseNet(QuantClassifier):
 
     depth: int = 40
     growth_rate: int = 12
+    stem_width: int = STEM_WIDTH
 
     def __post_init__(self):
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 7 or (self.depth - 4) % 3:
             raise ValueError(
                 f"depth must be 3n + 4 with n >= 1 layers per dense block (7, 10, ..., 40, ...); got {self.depth!r}"
             )
-        if isinstance(self.growth_rate, bool) or not isinstance(self.growth_rate, int) or self.growth_rate < 1:
-            raise ValueError(f"growth_rate must be a positive int; got {self.growth_rate!r}")
+        for name in ("growth_rate", "stem_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
         super().__post_init__()
 
     @property
@@ -95,7 +100,7 @@ class DenseNet(QuantClassifier):
     def __call__(self, x, train: bool = True):
         x = x.astype(self.dtype)
         conv, bn_q = self.conv_and_bn(train)
-        x = conv(STEM_WIDTH, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)
+        x = conv(self.stem_width, (3, 3), padding=1, quantize_input=False, name="stem_conv")(x)
         for block in range(NUM_BLOCKS):
             if block:
                 x = Transition(features=x.shape[-1], name=f"transition{block - 1}", **self.layer_fields())(x, train)
