@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from alignq_jax import quantizers
 from alignq_jax.methods import get_method
 from alignq_jax.models.densenet import DenseNet, densenet40
 from alignq_jax.quantize import (
@@ -18,8 +17,8 @@ from alignq_jax.quantize import (
     without_quantizer_state,
 )
 from test_models import (
-    CFG, _assert_equal_up_to_threshold_flips, _at, _check_fp_classifier, _only, _plain_conv, _reference_bn_quant,
-    record_calls,
+    CFG, _assert_equal_up_to_threshold_flips, _at, _check_fp_classifier, _only, _plain_conv_outputs,
+    _reference_bn_quant, record_calls_traced,
 )
 from test_placement_conv_input import (
     BITS, CONV_INPUT_NAMES, _expected_state, _registered, numpy_batchnorm, random_variables, run_recorded,
@@ -115,75 +114,100 @@ def test_bad_depth_or_growth_rate_is_rejected(kwargs, match):
 def _check_quantized_conv(call, kernel, cfg):
     """The conv convolves its input (as given) with the AlignQ-quantized kernel, not with the FP kernel."""
     assert isinstance(call.module, QuantConv) and call.module.config == cfg
-    plain = _plain_conv(call.module)
-    wq = quantizers.alignq_weight(kernel, cfg.w_bits)
-    np.testing.assert_allclose(call.out, plain.apply({"params": {"kernel": wq}}, call.args[0]), atol=1e-5)
-    fp = plain.apply({"params": {"kernel": kernel}}, call.args[0])
+    quantized, fp = _plain_conv_outputs(call.module, kernel, call.args[0], cfg.w_bits)
+    np.testing.assert_allclose(call.out, quantized, atol=1e-5)
     assert np.abs(np.asarray(call.out) - np.asarray(fp)).max() > 1e-3
 
 
-def _check_bn_q_relu(calls, path, params, h, cfg):
-    """``path`` is a QuantBatchNorm fed by ``h`` whose output is ReLU(Q(BN(h)))."""
+def _check_bn_q_relu(calls, path, params, h, cfg, values):
+    """``path`` is a QuantBatchNorm fed by ``h`` whose output is ReLU(Q(BN(h))) (the output checked if
+    ``values``)."""
     bn = _only(calls, path)
     assert isinstance(bn.module, QuantBatchNorm) and bn.module.config == cfg
     assert bn.args[0] is h, f"{path} is not fed by the features before it"
     assert bn.module.relu is True, path
-    _assert_equal_up_to_threshold_flips(bn.out, _reference_bn_quant(h, _at(params, path), cfg, relu=True), cfg)
-    assert len(np.unique(np.asarray(bn.out))) <= 2**cfg.a_bits
+    assert bn.out.shape == h.shape, path
+    if values:
+        _assert_equal_up_to_threshold_flips(bn.out, _reference_bn_quant(h, _at(params, path), cfg, relu=True, jit=True),
+                                            cfg)
+        assert len(np.unique(np.asarray(bn.out))) <= 2**cfg.a_bits
     return bn
 
 
-@pytest.mark.slow
-def test_alignq_placement_bn_q_relu_before_every_conv_and_the_pool():
-    """Stem conv on the image (quantized weights) -> per layer: BN -> Q -> ReLU -> conv (quantized weights), its
-    output concatenated to the layer's full-precision input; per transition: BN -> Q -> ReLU -> 1x1 conv -> 2x2
-    average pool; final BN -> Q -> ReLU -> global average pool -> FP Dense. One correlation gap per BN."""
-    model = DenseNet(config=CFG, **SMALL)
-    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
-    v = jax.jit(lambda x: model.init(jax.random.key(1), x, train=True))(x)
-    (logits, _), calls = record_calls(model, v, x, train=True, mutable=["batch_stats", GAP_COLLECTION])
+def _check_alignq_placement(model, v, x, values):
+    """The AlignQ placement of ``model`` (config CFG) on the forward recorded under jit (``values``: every output
+    checked against its reference) or under ``jax.eval_shape`` (the data flow, module settings and shapes only)."""
+    (logits, _), calls = record_calls_traced(model, v, x, abstract=not values, train=True,
+                                             mutable=["batch_stats", GAP_COLLECTION])
     params = v["params"]
+    n, k, batch, size = model.layers_per_block, model.growth_rate, x.shape[0], x.shape[1]
 
     stem = _only(calls, ("stem_conv",))
-    np.testing.assert_array_equal(stem.args[0], x)  # the image itself, unquantized
-    _check_quantized_conv(stem, params["stem_conv"]["kernel"], CFG)
+    assert isinstance(stem.module, QuantConv) and stem.module.config == CFG and stem.module.kernel_size == (3, 3)
+    if values:
+        np.testing.assert_array_equal(stem.args[0], x)  # the image itself, unquantized
+        _check_quantized_conv(stem, params["stem_conv"]["kernel"], CFG)
     h = stem.out
-    assert h.shape == (4, 8, 8, 16)
+    assert h.shape == (batch, size, size, 16)
     n_bn, n_conv = 0, 1  # the stem conv has no BN of its own (pre-activation)
     for block in range(3):
         if block:
             name = f"transition{block - 1}"
             tr = _only(calls, (name,))
             assert tr.args[0] is h
-            bn = _check_bn_q_relu(calls, (name, "bn"), params, h, CFG)
+            bn = _check_bn_q_relu(calls, (name, "bn"), params, h, CFG, values)
             conv = _only(calls, (name, "conv"))
             assert conv.args[0] is bn.out and conv.module.kernel_size == (1, 1) and conv.module.features == h.shape[-1]
-            _check_quantized_conv(conv, params[name]["conv"]["kernel"], CFG)
-            np.testing.assert_allclose(tr.out, nn.avg_pool(conv.out, (2, 2), strides=(2, 2)), atol=1e-6)
+            assert isinstance(conv.module, QuantConv) and conv.module.config == CFG
+            size //= 2
+            assert tr.out.shape == (batch, size, size, h.shape[-1])
+            if values:
+                _check_quantized_conv(conv, params[name]["conv"]["kernel"], CFG)
+                np.testing.assert_allclose(tr.out, nn.avg_pool(conv.out, (2, 2), strides=(2, 2)), atol=1e-6)
             h = tr.out
             n_bn, n_conv = n_bn + 1, n_conv + 1
-        for layer in range(2):
+        for layer in range(n):
             name = f"block{block}_layer{layer}"
             dl = _only(calls, (name,))
             assert dl.args[0] is h, f"{name} is not fed by the features before it"
-            bn = _check_bn_q_relu(calls, (name, "bn"), params, h, CFG)
+            bn = _check_bn_q_relu(calls, (name, "bn"), params, h, CFG, values)
             conv = _only(calls, (name, "conv"))
-            assert conv.args[0] is bn.out and conv.module.kernel_size == (3, 3) and conv.module.features == 4
-            _check_quantized_conv(conv, params[name]["conv"]["kernel"], CFG)
-            # Concatenation: the layer's input passes on unquantized, the new features appended.
-            np.testing.assert_array_equal(dl.out, jnp.concatenate([h, conv.out], axis=-1))
+            assert conv.args[0] is bn.out and conv.module.kernel_size == (3, 3) and conv.module.features == k
+            assert isinstance(conv.module, QuantConv) and conv.module.config == CFG
+            assert dl.out.shape == (batch, size, size, h.shape[-1] + k)
+            if values:
+                _check_quantized_conv(conv, params[name]["conv"]["kernel"], CFG)
+                # Concatenation: the layer's input passes on unquantized, the new features appended.
+                np.testing.assert_array_equal(dl.out, jnp.concatenate([h, conv.out], axis=-1))
             h = dl.out
             n_bn, n_conv = n_bn + 1, n_conv + 1
-    assert h.shape == (4, 2, 2, 16 + 6 * 4)
-    final = _check_bn_q_relu(calls, ("final_bn",), params, h, CFG)
+    assert h.shape == (batch, size, size, 16 + 3 * n * k)
+    final = _check_bn_q_relu(calls, ("final_bn",), params, h, CFG, values)
     n_bn += 1
-    assert (n_bn, n_conv) == (9, 9)
+    assert (n_bn, n_conv) == (3 * n + 3, 3 * n + 3)
     assert len([p for p, c in calls.items() if isinstance(c[0].module, QuantBatchNorm)]) == n_bn
     assert len([p for p, c in calls.items() if isinstance(c[0].module, QuantConv)]) == n_conv
     assert len(jax.tree.leaves(gap_shapes(model, v, x, train=True))) == n_bn  # one correlation term per BN
-    fc = _check_fp_classifier(calls, params, final.out)
-    np.testing.assert_array_equal(fc.out, logits)
+    fc = _only(calls, ("fc",))
+    assert type(fc.module) is nn.Dense and logits.shape == (batch, model.num_classes)
+    if values:
+        _check_fp_classifier(calls, params, final.out)
+        np.testing.assert_array_equal(fc.out, logits)
     assert not any("ConvQuantizer_0" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(v)[0])
+
+
+def test_alignq_placement_bn_q_relu_before_every_conv_and_the_pool():
+    """Stem conv on the image (quantized weights) -> per layer: BN -> Q -> ReLU -> conv (quantized weights), its
+    output concatenated to the layer's full-precision input; per transition: BN -> Q -> ReLU -> 1x1 conv -> 2x2
+    average pool; final BN -> Q -> ReLU -> global average pool -> FP Dense. One correlation gap per BN. Every
+    value on a small DenseNet; the same data flow, module settings and shapes on DenseNet-40."""
+    model = DenseNet(config=CFG, **SMALL)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    v = jax.jit(lambda x: model.init(jax.random.key(1), x, train=True))(x)
+    _check_alignq_placement(model, v, x, values=True)
+    big = densenet40(config=CFG)
+    xb = jnp.zeros((2, 32, 32, 3))
+    _check_alignq_placement(big, _shapes(big, xb.shape), xb, values=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,6 +303,11 @@ class _PlainDenseNet(nn.Module):
         return nn.Dense(self.num_classes, name="fc")(x)
 
 
+def _init(model, key, x):
+    """``model.init`` jitted (eagerly, every op of the quantized layers would compile on its own)."""
+    return jax.jit(lambda key, x: model.init(key, x, train=True))(key, x)
+
+
 def _perturbed(variables, seed=3):
     """Non-trivial BN parameters and running statistics, so the BN wiring matters."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
@@ -297,23 +326,23 @@ def _perturbed(variables, seed=3):
 def test_fp_model_has_no_quantizer_state_and_equals_a_plain_flax_densenet():
     model = DenseNet(config=QuantConfig(), num_classes=7, **SMALL)
     x = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
-    v = _perturbed(model.init(jax.random.key(1), x, train=True))
+    v = _perturbed(_init(model, jax.random.key(1), x))
     assert set(v) == {"params", "batch_stats"}
     assert jax.tree.structure(without_quantizer_state(v)) == jax.tree.structure(v)
     assert not any("Quantizer" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(v)[0])
-    logits = model.apply(v, x, train=False)
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
     assert logits.shape == (3, 7) and logits.dtype == jnp.float32
-    ref = _PlainDenseNet(SMALL["depth"], SMALL["growth_rate"], 7).apply(v, x)
+    ref = jax.jit(_PlainDenseNet(SMALL["depth"], SMALL["growth_rate"], 7).apply)(v, x)
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
     # Train mode also runs with no gaps recorded.
-    _, upd = model.apply(v, x, train=True, mutable=["batch_stats", GAP_COLLECTION])
+    _, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats", GAP_COLLECTION]))(v, x)
     assert not jax.tree.leaves(upd.get(GAP_COLLECTION, {}))
 
 
 def test_eval_forward_jit_equals_no_jit():
     model = DenseNet(config=CFG, **SMALL)
     x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
-    v = _perturbed(model.init(jax.random.key(3), x, train=True))
+    v = _perturbed(_init(model, jax.random.key(3), x))
     eager = model.apply(v, x, train=False)
     jitted = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
     np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
@@ -327,7 +356,7 @@ def test_train_forward_one_device_equals_eight():
         pytest.skip("needs 8 devices")
     x = jax.random.normal(jax.random.key(4), (8, 8, 8, 3))
     single = DenseNet(config=CFG, **SMALL)
-    v = single.init(jax.random.key(5), x, train=True)
+    v = _init(single, jax.random.key(5), x)
     cols = ["batch_stats", GAP_COLLECTION]
     ref_logits, ref_upd = jax.jit(lambda v, x: single.apply(v, x, train=True, mutable=cols))(v, x)
 
@@ -351,7 +380,7 @@ def test_sampled_correlation_records_one_b_by_b_gap_per_quantized_bn():
     cfg = QuantConfig(4, 4, correlation=True, correlation_features=64)
     model = DenseNet(config=cfg, **SMALL)
     x = jax.random.normal(jax.random.key(6), (4, 8, 8, 3))
-    v = model.init(jax.random.key(7), x, train=True)
+    v = _init(model, jax.random.key(7), x)
 
     @jax.jit
     def gaps(key):

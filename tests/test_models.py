@@ -44,6 +44,45 @@ def record_calls(model, variables, x, **kwargs):
     return result, calls
 
 
+class _Slot:
+    def __init__(self, i):
+        self.i = i
+
+
+def record_calls_traced(model, variables, x, *, abstract=False, **kwargs):
+    """``record_calls`` traced once instead of run op by op (an eager forward compiles every op for every new
+    shape): under ``jax.jit``, or with ``abstract=True`` under ``jax.eval_shape`` (arrays come back as
+    ``jax.ShapeDtypeStruct``; no computation at all, for the structure of a large network). Each traced value
+    comes back as one object wherever it appeared, so ``a is b`` still says which layer's output fed which."""
+    structure = {}
+
+    def run(variables, x):
+        result, calls = record_calls(model, variables, x, **kwargs)
+        arrays, index = [], {}
+
+        def slot(leaf):
+            if not isinstance(leaf, jax.Array):
+                return leaf  # static arguments (train=True, ...)
+            if id(leaf) not in index:  # every tracer is alive (held by `calls`), so ids are unique
+                index[id(leaf)] = len(arrays)
+                arrays.append(leaf)
+            return _Slot(index[id(leaf)])
+
+        structure["result"] = jax.tree.map(slot, result)
+        structure["calls"] = {p: [(c, jax.tree.map(slot, (c.args, c.kwargs, c.out))) for c in cs]
+                              for p, cs in calls.items()}
+        return arrays
+
+    arrays = jax.eval_shape(run, variables, x) if abstract else jax.jit(run)(variables, x)
+    fill = lambda tree: jax.tree.map(lambda s: arrays[s.i] if isinstance(s, _Slot) else s, tree)  # noqa: E731
+    calls = {}
+    for path, cs in structure["calls"].items():
+        for call, slots in cs:
+            args, kw, out = fill(slots)
+            calls.setdefault(path, []).append(Call(call.path, call.module, args, kw, out))
+    return fill(structure["result"]), calls
+
+
 def _only(calls, path):
     assert len(calls[path]) == 1, f"{path} called {len(calls[path])} times"
     return calls[path][0]
@@ -63,12 +102,29 @@ def _plain_conv(conv: QuantConv):
     return nn.Conv(**fields)
 
 
-def _reference_bn_quant(h, params, cfg, relu, eps=1e-5):
-    """BN with batch statistics (float64 numpy), then the activation quantizer, then the ReLU if ``relu``."""
+def _reference_bn_quant(h, params, cfg, relu, eps=1e-5, jit=False):
+    """BN with batch statistics (float64 numpy), then the activation quantizer, then the ReLU if ``relu``. The
+    quantizer runs jitted with ``jit`` (for a jitted forward: the grid levels can differ by one float32 ulp
+    between a compiled and an eager computation)."""
     h64 = np.asarray(h, np.float64)
     mean, var = h64.mean((0, 1, 2)), h64.var((0, 1, 2))
     x = (h64 - mean) / np.sqrt(var + eps) * np.asarray(params["scale"]) + np.asarray(params["bias"])
-    return np.asarray(cfg.quantize_activation(jnp.asarray(x, jnp.float32), relu=relu))
+    x = jnp.asarray(x, jnp.float32)
+    return np.asarray(_quantize_activation(x, cfg, relu) if jit else cfg.quantize_activation(x, relu=relu))
+
+
+# Jitted, so a check compiles one program per shape instead of every op of the quantizer eagerly.
+_quantize_activation = jax.jit(lambda x, cfg, relu: cfg.quantize_activation(x, relu=relu),
+                               static_argnames=("cfg", "relu"))
+
+
+def _plain_conv_outputs(conv: QuantConv, kernel, x, w_bits):
+    """(conv of ``x`` with the AlignQ-quantized ``kernel``, conv with the FP ``kernel``), for ``conv``'s settings,
+    in one jitted program."""
+    plain = _plain_conv(conv)
+    run = lambda k, x: (plain.apply({"params": {"kernel": quantizers.alignq_weight(k, w_bits)}}, x),  # noqa: E731
+                        plain.apply({"params": {"kernel": k}}, x))
+    return jax.jit(run)(kernel, x)
 
 
 def _assert_equal_up_to_threshold_flips(got, ref, cfg):
@@ -81,21 +137,21 @@ def _assert_equal_up_to_threshold_flips(got, ref, cfg):
     assert np.mean(diff > 0) < 1e-3
 
 
-def _check_bn_quant(calls, conv_path, bn_path, params, cfg, relu):
+def _check_bn_quant(calls, conv_path, bn_path, params, cfg, relu, jit=False):
     """``bn_path`` is a QuantBatchNorm fed by the output of the quantized conv ``conv_path``, with the model's
-    config, relu as given, and output Q(BN(conv)) (then ReLU): the quantizer acts on the BN output."""
+    config, relu as given, and output Q(BN(conv)) (then ReLU): the quantizer acts on the BN output (``jit``: the
+    calls were recorded under jit, see ``_reference_bn_quant``)."""
     conv, bn = _only(calls, conv_path), _only(calls, bn_path)
     assert isinstance(conv.module, QuantConv) and conv.module.config == cfg
     assert isinstance(bn.module, QuantBatchNorm) and bn.module.config == cfg
     assert bn.args[0] is conv.out, f"{bn_path} is not fed by {conv_path}"
     assert bn.module.relu is relu, f"{bn_path}: relu={bn.module.relu}, expected {relu}"
-    _assert_equal_up_to_threshold_flips(bn.out, _reference_bn_quant(conv.out, _at(params, bn_path), cfg, relu), cfg)
+    _assert_equal_up_to_threshold_flips(bn.out, _reference_bn_quant(conv.out, _at(params, bn_path), cfg, relu, jit=jit),
+                                        cfg)
     # The conv convolves with the quantized kernel (stem and shortcut convs included).
-    kernel = _at(params, conv_path)["kernel"]
-    plain = _plain_conv(conv.module)
-    wq = quantizers.alignq_weight(kernel, cfg.w_bits)
-    np.testing.assert_allclose(conv.out, plain.apply({"params": {"kernel": wq}}, conv.args[0]), atol=1e-5)
-    assert np.abs(np.asarray(conv.out) - np.asarray(plain.apply({"params": {"kernel": kernel}}, conv.args[0]))).max() > 1e-3
+    quantized, fp = _plain_conv_outputs(conv.module, _at(params, conv_path)["kernel"], conv.args[0], cfg.w_bits)
+    np.testing.assert_allclose(conv.out, quantized, atol=1e-5)
+    assert np.abs(np.asarray(conv.out) - np.asarray(fp)).max() > 1e-3
     return conv, bn
 
 
