@@ -16,7 +16,7 @@ from alignq_jax.quantize import (
     GAP_COLLECTION, ConvQuantizer, QuantBatchNorm, QuantConfig, QuantConv, QuantRules, gap_shapes, layer_report,
     module_path,
 )
-from test_models import CFG, _check_bn_quant, _check_fp_classifier, _only, record_calls
+from test_models import CFG, _check_bn_quant, _check_fp_classifier, _only, record_calls_traced
 from test_placement_conv_input import _expected_state, numpy_batchnorm
 from test_placement_conv_input import random_variables as random_variables_with_quantizers
 
@@ -24,12 +24,18 @@ N_BLOCKS = 17
 N_CONVS = 52  # stem, 2 in block0 (t=1), 3 in each of the 16 others, head; one BN after each
 
 
-def _blocks():
-    """(name, input channels, expansion, output channels, stride) of every block, from the torchvision table
-    written out here (the 24-channel stage at stride 1 for 32x32 inputs)."""
-    table = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-             (6, 320, 1, 1)]
-    assert tuple(table) == INVERTED_RESIDUAL_SETTINGS
+# A reduced table with every kind of block, for the checks that run the network: a t=1 block, an expansion block
+# at stride 2, a residual block (stride 1, same channels), a stride-1 block that changes the channel count.
+SMALL_TABLE = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 1))
+
+
+def _blocks(table=None):
+    """(name, input channels, expansion, output channels, stride) of every block; by default from the torchvision
+    table written out here (the 24-channel stage at stride 1 for 32x32 inputs)."""
+    if table is None:
+        table = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                 (6, 320, 1, 1)]
+        assert tuple(table) == INVERTED_RESIDUAL_SETTINGS
     out, cin = [], 32
     for t, c, n, s in table:
         for b in range(n):
@@ -103,53 +109,92 @@ def test_layer_shapes_follow_the_table():
 # AlignQ: BN -> Q -> ReLU6, projection BN -> Q
 
 
-@pytest.mark.slow  # eager recorded forward: about 50 s on 2 CPU cores
-def test_alignq_quantizer_placement():
-    """Every conv (depthwise ones included) convolves its quantized kernel; every BN output is quantized: with
-    relu=True (the unsigned grid, then min(., 6)) before each ReLU6, relu=False after a projection conv; residual
-    adds where the stride is 1 and the channels match; image and classifier full precision."""
-    model = MobileNetV2(config=CFG)
-    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))  # 16 -> 8 -> 4 -> 2: placement is size-independent
-    v = jax.jit(lambda x: model.init(jax.random.key(1), x, train=True))(x)
-    (logits, _), calls = record_calls(model, v, x, train=True, mutable=["batch_stats", GAP_COLLECTION])
-    params = v["params"]
+def _bn_quant(calls, conv_path, bn_path, params, relu, values):
+    """``_check_bn_quant`` (jitted forward) with ``values``; else its structural part: module types and configs,
+    the BN fed by the conv, the relu flag."""
+    if values:
+        return _check_bn_quant(calls, conv_path, bn_path, params, CFG, relu, jit=True)
+    conv, bn = _only(calls, conv_path), _only(calls, bn_path)
+    assert isinstance(conv.module, QuantConv) and conv.module.config == CFG
+    assert isinstance(bn.module, QuantBatchNorm) and bn.module.config == CFG
+    assert bn.args[0] is conv.out, f"{bn_path} is not fed by {conv_path}"
+    assert bn.module.relu is relu, f"{bn_path}: relu={bn.module.relu}, expected {relu}"
+    return conv, bn
 
-    stem_conv, stem_bn = _check_bn_quant(calls, ("stem_conv",), ("stem_bn",), params, CFG, relu=True)
-    np.testing.assert_array_equal(stem_conv.args[0], x)  # the image itself, unquantized
-    h = np.minimum(stem_bn.out, 6.0)
+
+def _check_alignq_placement(model, v, x, values):
+    """The AlignQ placement of ``model`` (config CFG) on its forward recorded under jit (``values``: every output
+    checked against its reference) or under ``jax.eval_shape`` (data flow, module settings and shapes only).
+    Returns the number of residual adds."""
+    (logits, _), calls = record_calls_traced(model, v, x, abstract=not values, train=True,
+                                             mutable=["batch_stats", GAP_COLLECTION])
+    params = v["params"]
+    blocks = _blocks(model.block_settings)
+    n_convs = 2 + sum(3 if t != 1 else 2 for _, _, t, _, _ in blocks)
+
+    def same(a, b):  # the value (jitted forward) or the shape (abstract)
+        if values:
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a.shape == b.shape
+
+    stem_conv, stem_bn = _bn_quant(calls, ("stem_conv",), ("stem_bn",), params, True, values)
+    same(stem_conv.args[0], x)  # the image itself, unquantized
+    h = np.minimum(stem_bn.out, 6.0) if values else stem_bn.out
     residuals = 0
-    for name, cin, t, c, stride in _blocks():
+    for name, cin, t, c, stride in blocks:
         blk = _only(calls, (name,))
-        np.testing.assert_array_equal(blk.args[0], h)
+        same(blk.args[0], h)
         if t != 1:
-            ce, be = _check_bn_quant(calls, (name, "expand_conv"), (name, "expand_bn"), params, CFG, relu=True)
+            ce, be = _bn_quant(calls, (name, "expand_conv"), (name, "expand_bn"), params, True, values)
             assert ce.args[0] is blk.args[0] and ce.module.kernel_size == (1, 1)
-            dw_in = np.minimum(be.out, 6.0)
+            dw_in = np.minimum(be.out, 6.0) if values else be.out
         else:
             assert (name, "expand_conv") not in calls and (name, "expand_bn") not in calls
             dw_in = h
-        cd, bd = _check_bn_quant(calls, (name, "depthwise"), (name, "depthwise_bn"), params, CFG, relu=True)
-        np.testing.assert_array_equal(cd.args[0], dw_in)
+        cd, bd = _bn_quant(calls, (name, "depthwise"), (name, "depthwise_bn"), params, True, values)
+        same(cd.args[0], dw_in)
         assert cd.module.feature_group_count == cin * t and cd.module.strides == stride
         assert params[name]["depthwise"]["kernel"].shape == (3, 3, 1, cin * t)
-        # Unsigned grid before the ReLU6: at most 2^bits values, all >= 0.
-        assert np.asarray(bd.out).min() >= 0 and len(np.unique(bd.out)) <= 2**CFG.a_bits
-        cp, bp = _check_bn_quant(calls, (name, "project_conv"), (name, "project_bn"), params, CFG, relu=False)
-        np.testing.assert_array_equal(cp.args[0], np.minimum(bd.out, 6.0))
+        if values:  # unsigned grid before the ReLU6: at most 2^bits values, all >= 0
+            assert np.asarray(bd.out).min() >= 0 and len(np.unique(bd.out)) <= 2**CFG.a_bits
+        cp, bp = _bn_quant(calls, (name, "project_conv"), (name, "project_bn"), params, False, values)
+        same(cp.args[0], np.minimum(bd.out, 6.0) if values else bd.out)
+        assert blk.out.shape == bp.out.shape
         if stride == 1 and cin == c:
-            np.testing.assert_array_equal(blk.out, bp.out + blk.args[0])
+            assert blk.out is not bp.out
+            if values:
+                np.testing.assert_array_equal(blk.out, bp.out + blk.args[0])
             residuals += 1
         else:
             assert blk.out is bp.out
         h = blk.out
-    assert residuals == 10
-    head_conv, head_bn = _check_bn_quant(calls, ("head_conv",), ("head_bn",), params, CFG, relu=True)
+    head_conv, head_bn = _bn_quant(calls, ("head_conv",), ("head_bn",), params, True, values)
     assert head_conv.args[0] is h
-    assert len([p for p, c in calls.items() if isinstance(c[0].module, QuantBatchNorm)]) == N_CONVS
-    assert len([p for p, c in calls.items() if isinstance(c[0].module, QuantConv)]) == N_CONVS
-    assert len(jax.tree.leaves(gap_shapes(model, v, x, train=True))) == N_CONVS  # one correlation term each
-    fc = _check_fp_classifier(calls, params, np.minimum(head_bn.out, 6.0))
-    np.testing.assert_array_equal(fc.out, logits)
+    assert len([p for p, c in calls.items() if isinstance(c[0].module, QuantBatchNorm)]) == n_convs
+    assert len([p for p, c in calls.items() if isinstance(c[0].module, QuantConv)]) == n_convs
+    assert len(jax.tree.leaves(gap_shapes(model, v, x, train=True))) == n_convs  # one correlation term each
+    fc = _only(calls, ("fc",))
+    assert type(fc.module) is nn.Dense and logits.shape == (x.shape[0], model.num_classes)
+    if values:
+        _check_fp_classifier(calls, params, np.minimum(head_bn.out, 6.0))
+        np.testing.assert_array_equal(fc.out, logits)
+    return residuals
+
+
+def test_alignq_quantizer_placement():
+    """Every conv (depthwise ones included) convolves its quantized kernel; every BN output is quantized: with
+    relu=True (the unsigned grid, then min(., 6)) before each ReLU6, relu=False after a projection conv; residual
+    adds where the stride is 1 and the channels match; image and classifier full precision. Every value on a
+    reduced table with each kind of block; the data flow, module settings and shapes of the full network."""
+    model = MobileNetV2(config=CFG, block_settings=SMALL_TABLE)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))  # 8 -> 4: placement is size-independent
+    v = jax.jit(lambda x: model.init(jax.random.key(1), x, train=True))(x)
+    assert _check_alignq_placement(model, v, x, values=True) == 2
+    full = MobileNetV2(config=CFG)
+    xf = jnp.zeros((2, 32, 32, 3))
+    assert N_CONVS == 2 + sum(3 if t != 1 else 2 for _, _, t, _, _ in _blocks())
+    assert _check_alignq_placement(full, _shapes(full), xf, values=False) == 10
 
 
 # ----------------------------------------------------------------------------------------------------------------
