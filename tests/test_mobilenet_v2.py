@@ -27,6 +27,7 @@ N_CONVS = 52  # stem, 2 in block0 (t=1), 3 in each of the 16 others, head; one B
 # A reduced table with every kind of block, for the checks that run the network: a t=1 block, an expansion block
 # at stride 2, a residual block (stride 1, same channels), a stride-1 block that changes the channel count.
 SMALL_TABLE = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 1))
+JIT_TABLE = SMALL_TABLE[:2]  # blocks 0-2: t=1, expansion at stride 2, residual
 
 
 def _blocks(table=None):
@@ -232,21 +233,32 @@ def _run_recorded(model, variables, x, train=True):
 
 def _conv_input_params():
     names = ("lsq", "pact", "dorefa", "apot", "absmax")
-    return [pytest.param(n, marks=[pytest.mark.skipif(n not in METHODS, reason=f"{n!r} is not registered")]
-                         + ([] if n == "lsq" else [pytest.mark.slow])) for n in names]
+    return [pytest.param(n, marks=pytest.mark.skipif(n not in METHODS, reason=f"{n!r} is not registered"))
+            for n in names]
+
+
+# The references jitted: one compiled program per shape instead of every op of the quantizer eagerly.
+_quantize_weight = jax.jit(lambda method, params, w, bits: method.quantize_weight(params, w, bits),
+                           static_argnums=(0, 3))
+_quantize_activation = jax.jit(lambda method, state, x, bits: method.quantize_activation(state, x, bits),
+                               static_argnums=(0, 3))
 
 
 @pytest.mark.parametrize("method_name", _conv_input_params())
 def test_conv_input_method_quantizes_only_inputs_after_relu6(method_name):
+    """On the reduced table (every kind of block): each conv's kernel and input as the method quantizes them,
+    the input only after a ReLU6; every BN plain. The full network's placement: the next test."""
     bits = 4
     method = get_method(method_name)
-    model = MobileNetV2(config=QuantConfig(bits, bits, method=method_name))
+    model = MobileNetV2(config=QuantConfig(bits, bits, method=method_name), block_settings=SMALL_TABLE)
+    n_blocks = len(_blocks(SMALL_TABLE))
+    n_convs = 2 + sum(3 if t != 1 else 2 for _, _, t, _, _ in _blocks(SMALL_TABLE))
     x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
     variables = random_variables_with_quantizers(model, x, method, bits)
     _, seen, updates = _run_recorded(model, variables, x)
     assert not jax.tree.leaves(updates.get(GAP_COLLECTION, {}))
     convs = [p for p, r in seen.items() if "op" in r]
-    assert len(convs) == N_CONVS
+    assert len(convs) == n_convs
     params = variables["params"]
     n_quantized = 0
     for path in convs:
@@ -257,7 +269,7 @@ def test_conv_input_method_quantizes_only_inputs_after_relu6(method_name):
         for k in path.split("/"):
             p = p[k]
         quantizer = p.get("ConvQuantizer_0", {})
-        want_w = method.quantize_weight(quantizer.get("weight", {}), p["kernel"], bits)
+        want_w = _quantize_weight(method, quantizer.get("weight", {}), p["kernel"], bits)
         np.testing.assert_allclose(seen[path]["kernel"], want_w, rtol=0, atol=1e-6, err_msg=path)
         assert np.abs(np.asarray(seen[path]["kernel"]) - np.asarray(p["kernel"])).max() > 1e-4, path
         if kind in FP_INPUT:
@@ -275,15 +287,15 @@ def test_conv_input_method_quantizes_only_inputs_after_relu6(method_name):
         np.testing.assert_array_equal(raw, np.minimum(np.asarray(seen[before]["out"]), 6.0), err_msg=path)
         assert 0.0 <= raw.min() and raw.max() <= 6.0, path
         state = _expected_state(method, variables, path, jnp.asarray(raw), True)
-        want = method.quantize_activation(state, jnp.asarray(raw), bits)
+        want = _quantize_activation(method, state, jnp.asarray(raw), bits)
         np.testing.assert_allclose(used, want, rtol=0, atol=1e-6, err_msg=path)
         assert len(np.unique(used)) <= 2**bits, path
         assert np.abs(used - raw).max() > 1e-3, f"{path}: the input was not quantized"
         n_quantized += 1
-    assert n_quantized == 2 * N_BLOCKS
+    assert n_quantized == 2 * n_blocks
     # Every BN is a plain BN (-> ReLU before the cap), nothing quantized.
     bns = [p for p, r in seen.items() if "in" in r]
-    assert len(bns) == N_CONVS
+    assert len(bns) == n_convs
     for path in bns:
         p, s = params, variables["batch_stats"]
         for k in path.split("/"):
@@ -291,6 +303,35 @@ def test_conv_input_method_quantizes_only_inputs_after_relu6(method_name):
         want = numpy_batchnorm(seen[path]["in"], p["scale"], p["bias"], s["mean"], s["var"],
                                relu=not path.endswith("project_bn"), train=True)
         np.testing.assert_allclose(seen[path]["out"], want, rtol=1e-4, atol=1e-4, err_msg=path)
+
+
+@pytest.mark.parametrize("method_name", _conv_input_params()[:1])
+def test_conv_input_placement_of_the_full_network(method_name):
+    """The full network traced (``jax.eval_shape``, nothing computed): the depthwise and projection convs of all
+    17 blocks convolve a new (quantized) input, the stem, expansion and head convs the input they are given; only
+    the former own an activation quantizer (the placement is the model's, the same for every conv-input
+    method)."""
+    model = MobileNetV2(config=QuantConfig(4, 4, method=method_name))
+    x = jnp.zeros((2, 32, 32, 3))
+    shapes = _shapes(model)
+    quantized = {}
+
+    def run(v):
+        seen = {}
+        with nn.intercept_methods(_record_operands(seen)):
+            model.apply(v, x, train=True, mutable=["batch_stats", GAP_COLLECTION])
+        quantized.update({path: r["op"] is not r["__call__"] for path, r in seen.items() if "op" in r})
+        return 0
+
+    jax.eval_shape(run, shapes)
+    assert len(quantized) == N_CONVS
+    want = {f"{name}/{kind}" for name, *_ in _blocks() for kind in QUANTIZED_INPUT}
+    assert {path for path, q in quantized.items() if q} == want
+    assert all(path.split("/")[-1] in FP_INPUT for path, q in quantized.items() if not q)
+    owners = {"/".join(str(k.key) for k in path[: [k.key for k in path].index("ConvQuantizer_0")])
+              for path, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+              if "activation" in [k.key for k in path]}
+    assert owners == want
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,23 +372,23 @@ def _record_bns(seen):
     return intercept
 
 
-@pytest.mark.slow  # eager forward of 52 quantized layers: about 35 s on 2 CPU cores
 def test_jit_equals_no_jit_in_evaluation():
     """The FP network: jitted logits equal eager ones (to float32 reordering). The 4-bit AlignQ network: every BN -> Q gives the same
     output jitted and eager wherever its input is the same (up to 1e-5), except threshold flips (a few elements,
     one level). Whole-network logits are not compared there: the grid levels themselves can differ by one float32
-    ulp between the compiled and the eager computation, and over 52 quantized layers such differences flip
-    roundings that then spread."""
-    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
-    fp = MobileNetV2(config=QuantConfig(), num_classes=10)
+    ulp between the compiled and the eager computation, and over many quantized layers such differences flip
+    roundings that then spread. An eager forward compiles every op for every new shape, so this runs the first
+    three blocks of the reduced table: a t=1 block, an expansion block at stride 2, a residual block."""
+    x = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
+    fp = MobileNetV2(config=QuantConfig(), num_classes=10, block_settings=JIT_TABLE)
     v = fp_variables(fp, x)  # alignq keeps no quantizer state: the same variables serve the 4-bit model
     eager = fp.apply(v, x, train=False)
     jitted = jax.jit(lambda v, x: fp.apply(v, x, train=False))(v, x)
     assert eager.shape == (2, 10)
-    np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-4)  # float32 reordering over 52 conv + BN
+    np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-4)  # float32 reordering over the conv + BN
 
     cfg = QuantConfig(4, 4)
-    model = MobileNetV2(config=cfg, num_classes=10)
+    model = MobileNetV2(config=cfg, num_classes=10, block_settings=JIT_TABLE)
 
     def run(v, x):
         seen = {}
@@ -356,9 +397,9 @@ def test_jit_equals_no_jit_in_evaluation():
         return seen
 
     eager, jitted = run(v, x), jax.jit(run)(v, x)
-    assert len(eager) == N_CONVS
+    assert len(eager) == 2 + 2 + 3 + 3
     step = 2 * cfg.act_range / (2**cfg.a_bits - 1)
-    compared = 0
+    compared = total = 0
     for path, (ie, oe) in eager.items():
         ij, oj = jitted[path]
         same_input = np.abs(np.asarray(ie) - np.asarray(ij)) <= 1e-5
@@ -369,7 +410,8 @@ def test_jit_equals_no_jit_in_evaluation():
             assert diff.max() <= step * 1.001, path
             assert np.mean(diff > 1e-5) < 1e-3, path
             compared += diff.size
-    assert compared > 10**5
+        total += np.asarray(oe).size
+    assert compared > total / 2  # most inputs agree: the comparison covers most of the network
 
 
 def test_rules_give_depthwise_layers_their_own_bits():
