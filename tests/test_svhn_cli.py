@@ -7,6 +7,7 @@ DenseNet-40 CLI run is not here: compiling its steps takes minutes on a 2-core C
 """
 
 import dataclasses
+import functools
 import json
 import shlex
 import sys
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import alignq_jax.data
+from alignq_jax import models
 from alignq_jax.cli import classification, svhn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -125,6 +127,10 @@ def test_svhn_mobilenet_v2_on_two_devices_interrupted_then_resumed(tmp_path, ima
     """Ctrl-C as the quantized stage starts (the FP32 stage finished and saved), then ``--resume`` with no other
     flag: the FP32 stage is skipped (its files untouched) and the quantized stage starts from exactly the weights
     the FP32 stage handed it before the interruption, now read back from its checkpoint."""
+    # The MobileNet-v2 layers (stem, t=1 block, expansion, stride-2 and residual blocks, head), with fewer blocks
+    # than the 17 of the full table: compiling its steps dominates this test's time.
+    short = ((1, 16, 1, 1), (6, 24, 2, 2))
+    monkeypatch.setitem(models.MODELS, "mobilenet_v2", functools.partial(models.MobileNetV2, block_settings=short))
     real_fit = classification.fit
     data_dir = write_svhn_mat(tmp_path / "data", n_train=32, n_test=16)
     workdir = tmp_path / "run"
