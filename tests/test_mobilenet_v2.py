@@ -379,8 +379,9 @@ def test_jit_equals_no_jit_in_evaluation():
     BN -> Q gives the same output jitted and eager wherever its input is the same (up to 1e-5), except threshold
     flips (a few elements, one level). Whole-network logits are not compared there: the grid levels themselves
     can differ by one float32 ulp between the compiled and the eager computation, and over many quantized layers
-    such differences flip roundings that then spread. An eager forward compiles every op for every new shape, so this runs the first
-    three blocks of the reduced table: a t=1 block, an expansion block at stride 2, a residual block."""
+    such differences flip roundings that then spread. An eager forward compiles every op for every new shape, so
+    this runs the first three blocks of the reduced table: a t=1 block, an expansion block at stride 2, a residual
+    block."""
     x = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
     fp = MobileNetV2(config=QuantConfig(), num_classes=10, block_settings=JIT_TABLE)
     v = fp_variables(fp, x)  # alignq keeps no quantizer state: the same variables serve the 4-bit model
