@@ -340,7 +340,9 @@ def test_fp_model_has_no_quantizer_state_and_equals_a_plain_flax_densenet():
 
 
 def test_eval_forward_jit_equals_no_jit():
-    model = DenseNet(config=CFG, **SMALL)
+    # One layer per block (stem, dense layer, transition, final BN: every kind): an eager forward compiles every
+    # op for every new shape.
+    model = DenseNet(config=CFG, depth=7, growth_rate=4)
     x = jax.random.normal(jax.random.key(2), (4, 8, 8, 3))
     v = _perturbed(_init(model, jax.random.key(3), x))
     eager = model.apply(v, x, train=False)
