@@ -98,9 +98,24 @@ def test_depth13_count_by_hand_worked_out():
     assert _param_count(_shapes(DenseNet(depth=13), (1, 8, 8, 3))) == want
 
 
+def test_official_alignq_stem_width_24():
+    """The official AlignQ DenseNet-40 starts with 24 = 2k channels: 24 -> 168 -> 312 -> 456 (docs/method.md §7),
+    1,059,298 parameters: 16 -> 24 adds 8 input channels to every layer (2 + 108 each), the stem's 8 filters, the
+    wider transitions and the classifier."""
+    layer = lambda c: 2 * c + 108 * c  # noqa: E731
+    want = (3 * 9 * 24 + sum(layer(c) for c in range(24, 168, 12)) + 2 * 168 + 168 ** 2
+            + sum(layer(c) for c in range(168, 312, 12)) + 2 * 312 + 312 ** 2
+            + sum(layer(c) for c in range(312, 456, 12)) + 2 * 456 + 456 * 10 + 10)
+    assert want == 1_059_298
+    shapes = _shapes(densenet40(config=CFG, stem_width=24), (2, 32, 32, 3))
+    assert _param_count(shapes) == want
+    assert shapes["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 24)
+    assert shapes["params"]["fc"]["kernel"].shape == (456, 10)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(depth=41), "depth"), (dict(depth=4), "depth"), (dict(depth=1), "depth"), (dict(depth=40.0), "depth"),
-    (dict(growth_rate=0), "growth_rate"),
+    (dict(growth_rate=0), "growth_rate"), (dict(stem_width=0), "stem_width"), (dict(stem_width=True), "stem_width"),
 ])
 def test_bad_depth_or_growth_rate_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
