@@ -20,6 +20,8 @@ import pytest
 import alignq_jax.data
 from alignq_jax import models
 from alignq_jax.cli import classification, svhn
+from alignq_jax.quantize import without_quantizer_state
+from alignq_jax.training import load_variables
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_data import write_svhn_mat  # noqa: E402
@@ -181,3 +183,49 @@ def test_svhn_mobilenet_v2_on_two_devices_interrupted_then_resumed(tmp_path, ima
         for key in ("last_epoch_test_accuracy", "last_epoch_test_accuracy_running_stats"):
             assert abs(stage[key] * 16 - round(stage[key] * 16)) < 1e-6, (stage["stage"], key)
 
+
+
+
+def test_densenet_with_learned_quantizer_state_checkpoints_and_restores_through_the_cli(tmp_path, images_8x8,
+                                                                                         monkeypatch):
+    """``--model densenet40`` with LSQ (learned steps in every conv's quantizer: state a checkpoint must carry) on
+    2 devices: the quantized stage's checkpoint holds exactly the variables its training ended with, and a second
+    run ``--init-from`` that run starts from its weights and BatchNorm statistics bit for bit."""
+    # DenseNet's layers (stem, dense layers, transitions, final BN) with one layer per block instead of 12:
+    # compiling DenseNet-40's steps takes minutes on 2 CPU cores.
+    monkeypatch.setitem(models.MODELS, "densenet40", functools.partial(models.DenseNet, depth=7))
+    real_fit = classification.fit
+    starts, finished = [], []
+
+    def recording_fit(config, dataset, **kwargs):
+        starts.append(kwargs.get("init_variables"))
+        finished.append((config, real_fit(config, dataset, **kwargs)))
+        return finished[-1][1]
+
+    monkeypatch.setattr(classification, "fit", recording_fit)
+    data_dir = write_svhn_mat(tmp_path / "data", n_train=32, n_test=16)
+    common = ["--data-dir", data_dir, "--model", "densenet40", "--method", "lsq", "--bits", "4",
+              "--epochs", "1", "--limit-train", "32",
+              "--limit-test", "16", "--batch-size", "16", "--eval-batch-size", "16", "--bn-reestimate-batches", "1",
+              "--devices", "2", "--no-progress"]
+    assert classification.main([*common, "--fp-epochs", "1", "--workdir", tmp_path / "first"],
+                               dataset="svhn_cropped") == 0
+    (_, _), (config, quantized) = finished
+    assert config.model == "densenet40" and config.num_devices == 2 and config.quant.method_name == "lsq"
+    trained = {"params": quantized.state.params, "batch_stats": quantized.state.batch_stats}
+    steps = [k for k, _ in jax.tree_util.tree_flatten_with_path(trained["params"])[0] if "step" in jax.tree_util.keystr(k)]
+    # Depth 7: the stem (weights only: its input is the image), 3 layer convs and 2 transition convs (weights and
+    # inputs).
+    assert len(steps) == 1 + 2 * 5
+    saved = load_variables(tmp_path / "first" / "w4a4" / "checkpoints")
+    assert _same_tree(saved["params"], trained["params"]) and _same_tree(saved["batch_stats"], trained["batch_stats"])
+
+    starts.clear()
+    assert classification.main([*common, "--init-from", tmp_path / "first", "--workdir", tmp_path / "second"],
+                               dataset="svhn_cropped") == 0
+    (start,) = starts  # no FP32 stage: the quantized stage starts from the first run's last stage, restored
+    # Learned quantizer state belongs to its stage: the new stage re-initialises it from the restored model.
+    expected = without_quantizer_state(trained)
+    assert _same_tree(start["params"], expected["params"])
+    assert _same_tree(start["batch_stats"], expected["batch_stats"])
+    assert not any("step" in jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(start)[0])
