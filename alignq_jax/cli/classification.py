@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
+import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -29,7 +32,7 @@ from alignq_jax.admm import MODES as ADMM_MODES
 from alignq_jax.cli import report
 from alignq_jax.models import MODELS
 from alignq_jax.methods import METHODS
-from alignq_jax.quantize import QuantConfig, without_quantizer_state
+from alignq_jax.quantize import QuantConfig, QuantRules, without_quantizer_state
 from alignq_jax.quantizers import ALLOWED_BITS, LEVEL_MODES
 from alignq_jax.training.loop import interrupts_outside
 
@@ -120,6 +123,13 @@ def build_parser(dataset: str, description: str, defaults: dict | None = None) -
                        help="continue the run in --workdir with its saved settings (flags given again must agree)")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --workdir first, then start anew")
     p.add_argument("--progressive", action="store_true", help="paper's chain: 8 bits from FP, then 4 from 8, ...")
+    p.add_argument("--layer-bits", action="append", default=None, metavar="REGEX=BITS",
+                   help="repeatable: in every quantized stage, layers whose module path matches REGEX (re.search; "
+                        "the first matching --layer-bits wins, in the order given) get BITS (1-8, or 32 = full "
+                        "precision) for weights and activations, with the stage's method and options; the others "
+                        "take the stage's bits. With --progressive BITS stays the same in every stage. A REGEX that "
+                        "matches no quantized layer of --model is an error. E.g. --layer-bits depthwise=8 "
+                        "--layer-bits 'stem_conv|stem_bn=8'")
     p.add_argument("--bn-reestimate-batches", type=int, default=50,
                    help="after each stage, re-estimate the BatchNorm statistics with the final weights over this many "
                         "training batches (at most one epoch's) and report that test accuracy as the headline, next "
@@ -147,8 +157,11 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     """The dests of the flags given on the command line: ``argv`` parsed again into a namespace pre-filled with a
     marker (argparse only fills in defaults for names the namespace lacks)."""
     unset = object()
-    namespace = argparse.Namespace(**{dest: unset for dest in vars(parser.parse_args(argv))})
-    return {dest for dest, value in vars(parser.parse_args(argv, namespace=namespace)).items() if value is not unset}
+    # An append flag (--layer-bits) appends to what the namespace holds, so it starts from None instead.
+    appends = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    start = {dest: None if dest in appends else unset for dest in vars(parser.parse_args(argv))}
+    parsed = vars(parser.parse_args(argv, namespace=argparse.Namespace(**start)))
+    return {dest for dest, value in parsed.items() if value is not start[dest]}
 
 
 def flag(dest: str) -> str:
@@ -175,6 +188,8 @@ def default_workdir(args) -> Path:
     name = f"{data}-{args.model}-{args.method}-w{args.bits}-{args.levels}-{admm}"
     name += "-progressive" if args.progressive else ""
     name += "-bf16" if args.dtype == "bfloat16" else ""
+    if getattr(args, "layer_bits", None):  # a digest, so that runs with different rules get different folders
+        name += "-layerbits-" + hashlib.sha1(json.dumps(args.layer_bits).encode()).hexdigest()[:6]
     return Path("runs") / name
 
 
@@ -190,6 +205,33 @@ def stage_plan(args) -> list[tuple[str, int]]:
     return plan + [(f"w{b}a{b}", b) for b in chain + [args.bits]]
 
 
+def parse_layer_bits(specs: list[str] | None) -> tuple[tuple[str, int], ...]:
+    """``--layer-bits`` values ["REGEX=BITS", ...] as ((regex, bits), ...) in the order given (the first match
+    wins). Raises ValueError naming the flag and the bad value."""
+    rules = []
+    for spec in specs or ():
+        regex, eq, bits = spec.rpartition("=")  # the last "=": a regex may hold one, BITS cannot
+        if not eq:
+            raise ValueError(f"--layer-bits must be REGEX=BITS, e.g. depthwise=8; got {spec!r} (no '=')")
+        if not regex:
+            raise ValueError(f"--layer-bits {spec!r}: the REGEX before '=' is empty (--bits sets every layer)")
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ValueError(f"--layer-bits {spec!r}: {regex!r} is not a regular expression ({e})") from None
+        allowed = ", ".join(map(str, ALLOWED_BITS))
+        if not bits.strip().isdigit() or int(bits) not in ALLOWED_BITS:
+            raise ValueError(f"--layer-bits {spec!r}: BITS must be one of {allowed} (32 = full precision); "
+                             f"got {bits!r}")
+        rules.append((regex, int(bits)))
+    return tuple(rules)
+
+
+def default_quant(quant) -> QuantConfig:
+    """The stage's own config: ``quant`` itself, or the default of its --layer-bits rules."""
+    return quant.default if isinstance(quant, QuantRules) else quant
+
+
 def stage_config(args, bits: int):
     from alignq_jax.training import TrainConfig
 
@@ -199,6 +241,15 @@ def stage_config(args, bits: int):
         w_bits=bits, a_bits=bits, method=args.method, levels=args.levels, act_range=args.act_range,
         correlation_features=args.correlation_features or None,
     )
+    rules = [] if fp else parse_layer_bits(getattr(args, "layer_bits", None))
+    if rules:
+        configs = []
+        for regex, b in rules:
+            try:
+                configs.append((regex, dataclasses.replace(quant, w_bits=b, a_bits=b)))
+            except ValueError as e:
+                raise ValueError(f"--layer-bits {regex}={b}: {e}") from None
+        quant = QuantRules(tuple(configs), default=quant)
     return TrainConfig(
         model=args.model,
         quant=quant,
@@ -282,7 +333,45 @@ def build_stages(args) -> list[tuple[str, int, object]]:
             f"--batch-size {config.batch_size} must be divisible by the number of devices ({len(devices)}, "
             f"{'--devices' if args.devices else 'all visible'}; parallel={mode})"
         )
+    if isinstance(config.quant, QuantRules):
+        check_layer_bits(args, config)
     return stages
+
+
+def check_layer_bits(args, config) -> None:
+    """Every ``--layer-bits`` rule of ``config.quant`` (a QuantRules) must take at least one quantization-aware layer
+    of the model (typo protection): the layers are ``layer_report``'s on the data set's image shape, found
+    abstractly (nothing runs). Raises ValueError naming the rule, the closest layer names and a few of the model's
+    layer paths."""
+    import jax
+    import jax.numpy as jnp
+
+    from alignq_jax.data import get_spec
+    from alignq_jax.quantize import CORRELATION_RNG, layer_report
+    from alignq_jax.training.state import make_model
+
+    spec = get_spec(args.dataset)
+    model = make_model(config, spec.num_classes)
+    x = jnp.zeros((2, *spec.image_shape), jnp.float32)
+    key = jax.random.key(0)
+    variables = jax.eval_shape(lambda: model.init({"params": key, CORRELATION_RNG: key}, x, train=True))
+    paths = list(layer_report(model, variables, x, train=True).layers)
+    rules = config.quant
+    used = {rules.match(path) for path in paths}
+    names = sorted({*paths, *(part for path in paths for part in path.split("/"))})
+    for i, (regex, rule) in enumerate(rules.rules):
+        if i in used:
+            continue
+        given = f"--layer-bits {regex}={rule.w_bits}"
+        if any(re.search(regex, path) for path in paths):
+            raise ValueError(f"{given}: every layer it matches is taken by an earlier --layer-bits (the first match "
+                             "wins)")
+        close = difflib.get_close_matches(regex, names, n=4, cutoff=0.5)
+        shown = ", ".join(paths[:8]) + (f", ... ({len(paths)} in all)" if len(paths) > 8 else "")
+        raise ValueError(
+            f"{given}: {regex!r} matches no quantized layer of --model {args.model}"
+            + (f" (closest names: {', '.join(close)})" if close else "") + f"; its layer paths: {shown}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,13 +634,16 @@ def _write(path: Path, text: str) -> None:
 
 def stage_record(name: str, bits: int, config, result, seconds: float, carried: str | None) -> dict:
     fp = bits == 32
-    levels = report.level_counts(config.quant)  # None for the 32-bit FP32 stage
+    quant = default_quant(config.quant)
+    levels = report.level_counts(quant)  # None for the 32-bit FP32 stage
+    rules = config.quant.rules if isinstance(config.quant, QuantRules) else ()
     return {
         "stage": name,
         "bits": bits,
-        "method": config.quant.method_name if not fp else "fp32",
-        "levels": config.quant.levels,
+        "method": quant.method_name if not fp else "fp32",
+        "levels": quant.levels,
         **levels,
+        **({"layer_bits": [[regex, c.w_bits] for regex, c in rules]} if rules else {}),
         "admm": config.admm,
         "admm_mode": config.admm_mode if config.admm else None,
         "admm_state": carried,
@@ -619,7 +711,9 @@ def run(args, stages, session: Session, out=print) -> dict:
             if admm_state is not None:
                 init_variables["admm_state"] = admm_state
         resume_stage = args.resume and _has_checkpoint_steps(stage_dir / "checkpoints")
-        out(f"stage {name}: {bits} bits, {config.epochs} epochs, method {config.quant.method_name}, "
+        layers = "".join(f", {r}={c.w_bits}" for r, c in getattr(config.quant, "rules", ()))
+        method = default_quant(config.quant).method_name
+        out(f"stage {name}: {bits} bits{layers}, {config.epochs} epochs, method {method}, "
             f"ADMM {f'{config.admm_mode}, state {carried}' if config.admm else 'off'}"
             f"{', resuming' if resume_stage else ''}")
         start = time.perf_counter()
@@ -655,13 +749,23 @@ def run(args, stages, session: Session, out=print) -> dict:
     title = run_title(dataset.name, args)
     if is_main:
         report.write_json(workdir / "results.json", results)
-        _write(workdir / "results.md",
-               f"# {title}\n\n{table}\n{report.ACCURACY_NOTE} {bn_note} {report.BEST_EPOCH_NOTE}\n")
+        _write(workdir / "results.md", f"# {title}\n\n{table}\n{layer_bits_note(args)}"
+               f"{report.ACCURACY_NOTE} {bn_note} {report.BEST_EPOCH_NOTE}\n")
         report.plot_stage_chain(workdir / "accuracy.png", [(r["stage"], histories[r["stage"]]) for r in records],
                                 title, first_is_init=bool(args.init_from))
     out(table)
     out(f"results: {workdir / 'results.json'}, {workdir / 'results.md'}, {workdir / 'accuracy.png'}")
     return results
+
+
+def layer_bits_note(args) -> str:
+    """A paragraph for results.md saying which layers had other bits (empty without --layer-bits)."""
+    rules = parse_layer_bits(args.layer_bits)
+    if not rules:
+        return ""
+    said = "; ".join(f"module paths matching `{regex}` at {b} bits" for regex, b in rules)
+    return (f"Layer bits (--layer-bits, the first match wins), in every quantized stage: {said}; the other layers "
+            "at the stage's bits.\n\n")
 
 
 def run_title(dataset_name: str, args) -> str:

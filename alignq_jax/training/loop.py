@@ -677,9 +677,12 @@ class BatchStreams:
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(config)
     d["milestones"] = list(config.milestones)
-    method = config.quant.method
-    if not isinstance(method, str):  # a method object: asdict keeps its options but not which method it is
-        d["quant"]["method"] = {"name": method.name, **dataclasses.asdict(method)}
+    rules = getattr(config.quant, "rules", None)  # QuantRules: (regex, config) pairs and a default
+    pairs = [(config.quant, d["quant"])] if rules is None else [
+        *((c, r[1]) for (_, c), r in zip(rules, d["quant"]["rules"])), (config.quant.default, d["quant"]["default"])]
+    for quant, record in pairs:
+        if not isinstance(quant.method, str):  # a method object: asdict keeps its options but not which method it is
+            record["method"] = {"name": quant.method.name, **dataclasses.asdict(quant.method)}
     return d
 
 
