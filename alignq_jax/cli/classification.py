@@ -305,6 +305,7 @@ def validate_args(args, explicit: set[str]) -> None:
     for dest in ("lr", "fp_lr", "admm_weight", "act_range"):
         need(getattr(args, dest) > 0, dest, "positive")
     check_training_flags(args, need)
+    parse_layer_bits(args.layer_bits)  # the form of each rule; check_layer_bits: the model's layers
     if not args.admm:
         given = sorted(flag(d) for d in explicit & set(ADMM_FLAGS))
         if given:
