@@ -98,6 +98,7 @@ def measure(config: TrainConfig, steps_to_time: int, warmup: int) -> dict:
         jax.block_until_ready(steps.evaluate(state, eval_batch))
         eval_times.append(time.perf_counter() - t)
     return {
+        "times_s": times,
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
@@ -145,7 +146,14 @@ def main(argv=None) -> int:
     results = {}
     for name, runs in rounds.items():
         best = dict(runs[0])
+        # Spread over every timed step of every round (not round 1's alone), next to the median of round medians.
+        pooled = [t for x in runs for t in x.pop("times_s")]
+        best.pop("times_s", None)
+        best["min_s"], best["max_s"] = min(pooled), max(pooled)
+        best["iqr_s"] = float(np.subtract(*np.percentile(pooled, [75, 25])))
+        best["steps_timed"] = len(pooled)
         best["median_s"] = statistics.median(x["median_s"] for x in runs)
+        best["images_per_s"] = args.batch / best["median_s"]
         best["eval_median_s"] = statistics.median(x["eval_median_s"] for x in runs)
         best["round_medians_s"] = [x["median_s"] for x in runs]
         results[name] = best
