@@ -237,7 +237,7 @@ def find_svhn_mat(path: PathLike) -> Path | None:
 
 
 def _read_svhn_mat(file: Path) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.io import loadmat  # scipy comes with scikit-learn
+    from scipy.io import loadmat
 
     try:
         mat = loadmat(file)
