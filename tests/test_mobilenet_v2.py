@@ -18,6 +18,7 @@ from alignq_jax.quantize import (
     GAP_COLLECTION, ConvQuantizer, QuantBatchNorm, QuantConfig, QuantConv, QuantRules, gap_shapes, layer_report,
     module_path,
 )
+from test_quant_rules import random_variables
 from test_models import CFG, _check_bn_quant, _check_fp_classifier, _only, record_calls_traced
 from test_placement_conv_input import _expected_state, numpy_batchnorm
 from test_placement_conv_input import random_variables as random_variables_with_quantizers
@@ -53,26 +54,6 @@ def _param_count(variables) -> int:
 
 def _shapes(model, size=32):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)), train=True))
-
-
-def fp_variables(model, x, seed=0, bn_scale=(0.8, 1.2)):
-    """Variables of a model without quantizer state, filled in numpy: He-normal kernels, BN scales drawn from
-    ``bn_scale``, variances near 1, biases and means near 0."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=True))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), leaf.shape), jnp.float32)
-        if name == "scale":
-            return jnp.asarray(rng.uniform(*bn_scale, leaf.shape), jnp.float32)
-        if name == "var":
-            return jnp.asarray(rng.uniform(0.8, 1.2, leaf.shape), jnp.float32)
-        return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,7 +330,7 @@ def test_fp32_config_is_the_plain_network_with_relu6():
     assert set(init) == {"params", "batch_stats"}
     assert not any("Quantizer" in jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(init)[0])
     assert not jax.tree.leaves(gap_shapes(model, init, x, train=True))
-    v = fp_variables(model, x, bn_scale=(4.0, 8.0))
+    v = random_variables(model, x, bn_scale=(4.0, 8.0))
     logits, seen, updates = _run_recorded(model, v, x)
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
     assert not jax.tree.leaves(updates.get(GAP_COLLECTION, {}))
@@ -384,7 +365,7 @@ def test_jit_equals_no_jit_in_evaluation():
     block."""
     x = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
     fp = MobileNetV2(config=QuantConfig(), num_classes=10, block_settings=JIT_TABLE)
-    v = fp_variables(fp, x)  # alignq keeps no quantizer state: the same variables serve the 4-bit model
+    v = random_variables(fp, x)  # alignq keeps no quantizer state: the same variables serve the 4-bit model
     eager = fp.apply(v, x, train=False)
     jitted = jax.jit(lambda v, x: fp.apply(v, x, train=False))(v, x)
     assert eager.shape == (2, 10)
@@ -431,7 +412,7 @@ def test_rules_give_depthwise_layers_their_own_bits():
     assert all(c.w_bits == 4 for p, c in report.layers.items() if p not in eight)
     # The kernels convolved, on the reduced table (the same rules; compiling the full network is slow).
     small = MobileNetV2(config=rules, block_settings=SMALL_TABLE)
-    v = fp_variables(small, x)
+    v = random_variables(small, x)
     _, seen, _ = _run_recorded(small, v, x)
     for path, bits in (("block2/depthwise", 8), ("block2/project_conv", 4)):
         kernel = v["params"]["block2"][path.split("/")[1]]["kernel"]

@@ -30,9 +30,9 @@ def variables():
     return random_variables(model, X)
 
 
-def random_variables(model, x, seed=0):
+def random_variables(model, x, seed=0, bn_scale=(0.8, 1.2)):
     """Variables of ``model`` with random values drawn in numpy (no compiled initialiser): He-normal kernels,
-    BatchNorm scales and variances near 1, biases and means near 0."""
+    BatchNorm scales drawn from ``bn_scale``, variances near 1, biases and means near 0."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=True))
     rng = np.random.default_rng(seed)
 
@@ -41,7 +41,9 @@ def random_variables(model, x, seed=0):
         if name == "kernel":
             fan_in = int(np.prod(leaf.shape[:-1]))
             return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), leaf.shape), jnp.float32)
-        if name in ("scale", "var"):
+        if name == "scale":
+            return jnp.asarray(rng.uniform(*bn_scale, leaf.shape), jnp.float32)
+        if name == "var":
             return jnp.asarray(rng.uniform(0.8, 1.2, leaf.shape), jnp.float32)
         return jnp.asarray(rng.normal(0, 0.1, leaf.shape), jnp.float32)
 
