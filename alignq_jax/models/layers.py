@@ -79,12 +79,21 @@ class QuantLayers(nn.Module):
 
 
 class QuantClassifier(QuantLayers):
-    """A network ending in global average pooling and a full-precision Dense "fc" with ``num_classes`` outputs."""
+    """A network ending in global average pooling and a full-precision Dense "fc" with ``num_classes`` outputs.
+
+    ``num_classes=0``: no head; the network returns its pooled features (a backbone for other heads, e.g. the
+    domain-adaptation networks of ``alignq_jax.adaptation``).
+    """
 
     num_classes: int = 10
 
     @nn.nowrap
     def classify(self, features):
-        """(B, H, W, C) features -> (B, num_classes) float32 logits; called inside the compact ``__call__``."""
-        pooled = jnp.mean(features, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(pooled.astype(jnp.float32))
+        """(B, H, W, C) features -> (B, num_classes) float32 logits, or the (B, C) float32 pooled features when
+        ``num_classes`` is 0; called inside the compact ``__call__``."""
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no head, pooled features); got {self.num_classes}")
+        pooled = jnp.mean(features, axis=(1, 2)).astype(jnp.float32)
+        if self.num_classes == 0:
+            return pooled
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(pooled)
