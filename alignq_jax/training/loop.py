@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -153,7 +154,7 @@ def first_train_images(config: TrainConfig, dataset) -> np.ndarray:
     quantizer parameters and statistics are initialised from (``create_train_state``'s ``init_images``)."""
     batches = process_train_batches(config, dataset, 0)
     try:
-        images = np.asarray(next(iter(batches))["image"], np.float32)
+        images = np.asarray(config.objective.images(next(iter(batches))), np.float32)
     except StopIteration:
         raise ValueError("the training set yields no batch: it is smaller than the batch size") from None
     finally:
@@ -496,8 +497,8 @@ def fit(
             if log is not None:
                 log(
                     f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f} "
-                    f"penalty {record['train_penalty']:.3g} train acc {record['train_accuracy']:.4f} "
-                    f"test acc {record['test_accuracy']:.4f}{_running_note(record)}"
+                    f"penalty {record['train_penalty']:.3g} train acc {record.get('train_accuracy', float('nan')):.4f}"
+                    f"{_extra_metrics(record)} test acc {record['test_accuracy']:.4f}{_running_note(record)}"
                 )
     finally:
         if manager is not None:
@@ -515,6 +516,13 @@ def fit(
             )
     best = max(history, key=lambda r: r["test_accuracy"])
     return FitResult(history, last, best, final, config, dataset.num_classes, reestimated)
+
+
+def _extra_metrics(record: dict) -> str:
+    """The objective's own training metrics beyond loss, CE, penalty and accuracy (e.g. a domain loss)."""
+    common = {"train_loss", "train_ce", "train_penalty", "train_accuracy", "train_seconds"}
+    extra = [k for k in record if k.startswith("train_") and k not in common]
+    return "".join(f" {k[len('train_'):].replace('_', ' ')} {record[k]:.3g}" for k in extra)
 
 
 def _running_note(record: dict) -> str:
@@ -540,10 +548,11 @@ def reestimate_for_fit(config: TrainConfig, dataset, params, batch_stats, epoch:
         raise ValueError("BatchNorm re-estimation needs at least one training batch")
     model = make_model(config, dataset.num_classes)
     batches = process_train_batches(config, dataset, epoch - 1)
+    # Every image batch of the first n training batches that training normalised (one per forward pass).
+    passes = (p for batch in itertools.islice(batches, n) for p in config.objective.statistics_batches(batch))
     try:
         stats = reestimate_batch_stats(
-            model, {"params": params, "batch_stats": batch_stats}, batches, num_batches=n,
-            across_processes=jax.process_count() > 1,
+            model, {"params": params, "batch_stats": batch_stats}, passes, across_processes=jax.process_count() > 1,
         )
     finally:
         close = getattr(batches, "close", None)
@@ -588,7 +597,7 @@ def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, wo
     """Epoch ``epoch`` (1-based) of training, then evaluation. Returns (placed state, history record)."""
     from tqdm.auto import tqdm
 
-    sums = {"loss": 0.0, "ce": 0.0, "penalty": 0.0, "accuracy": 0.0}
+    sums: dict[str, float] = {}  # the step's metrics ("loss", "penalty" and the objective's), summed
     n = 0
     start = time.perf_counter()
     # The data order is a function of (seed, epoch - 1): epoch indices of the data pipeline count from 0.
@@ -601,10 +610,10 @@ def _run_epoch(config, dataset, steps: Steps, placed, epoch, steps_per_epoch, wo
         metrics = {k: float(v) for k, v in metrics.items()}  # waits for that step to finish
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at epoch {epoch}, step {n + 1}")
-        for k in sums:
-            sums[k] += metrics[k]
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
         n += 1
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", penalty=f"{metrics['penalty']:.3g}", acc=f"{metrics['accuracy']:.3f}")
+        bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
         if step_log is not None:
             step_log.write(json.dumps({"epoch": epoch, "step": (epoch - 1) * steps_per_epoch + n, **metrics}) + "\n")
 
@@ -677,6 +686,8 @@ class BatchStreams:
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(config)
     d["milestones"] = list(config.milestones)
+    d["objective"] = config.objective.describe()
+    d["lr_multipliers"] = [list(rule) for rule in config.lr_multipliers]
     rules = getattr(config.quant, "rules", None)  # QuantRules: (regex, config) pairs and a default
     pairs = [(config.quant, d["quant"])] if rules is None else [
         *((c, r[1]) for (_, c), r in zip(rules, d["quant"]["rules"])), (config.quant.default, d["quant"]["default"])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.struct
@@ -11,8 +12,9 @@ import jax.numpy as jnp
 import optax
 
 from alignq_jax.admm import ADMM, MODES as ADMM_MODES
-from alignq_jax.models import MODELS, get_model
+from alignq_jax.models import MODELS
 from alignq_jax.quantize import CORRELATION_RNG, QuantConfig, QuantRules, calibrate, gap_shapes
+from alignq_jax.training.objectives import CLASSIFICATION
 
 PARALLEL_MODES = ("auto", "none", "shard_map", "pmap")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,6 +52,13 @@ class TrainConfig:
         (``alignq_jax.training.reestimate_batch_stats``).
       bn_reestimate_every_epoch: re-estimate after every epoch too, so the history (and the best epoch) are
         measured with re-estimated statistics (needs ``bn_reestimate_batches`` > 0).
+      objective: what the step minimises and the network around the backbone ``model``
+        (``alignq_jax.training.objectives.Classification``, or a domain-adaptation objective of
+        ``alignq_jax.adaptation``); it also fixes the batch layout the data set must yield.
+      lr_multipliers: parameter groups: ((regex, multiplier), ...) on "/"-joined parameter paths (``re.search``),
+        first match wins; a matched parameter trains with multiplier * the learning rate (weight decay and momentum
+        as everyone's), e.g. (("^backbone/", 0.1),) for a pretrained backbone at a tenth of the heads' rate. A
+        rule that matches no parameter is an error.
     """
 
     model: str = "resnet20"
@@ -74,6 +83,8 @@ class TrainConfig:
     dtype: str = "float32"
     bn_reestimate_batches: int = 50
     bn_reestimate_every_epoch: bool = False
+    objective: Any = CLASSIFICATION
+    lr_multipliers: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -113,6 +124,13 @@ class TrainConfig:
                 "admm=True needs activations quantized after BatchNorm (a_bits < 32 with alignq or uniform): the "
                 "term compares them"
             )
+        for attr in ("network", "loss", "schedule", "gap_tree", "images", "statistics_batches", "describe"):
+            if not callable(getattr(self.objective, attr, None)):
+                raise ValueError(
+                    f"objective must be a training objective (alignq_jax.training.objectives); "
+                    f"{type(self.objective).__name__} has no {attr}()"
+                )
+        object.__setattr__(self, "lr_multipliers", _check_lr_multipliers(self.lr_multipliers))
         object.__setattr__(self, "quant", self.quant.map(self._with_correlation))
 
     def _with_correlation(self, config: QuantConfig) -> QuantConfig:
@@ -144,24 +162,81 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     return optax.piecewise_constant_schedule(config.lr, boundaries)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """PyTorch SGD: buf = momentum*buf + (g + wd*w); w -= lr*buf (plain momentum SGD; docs/method.md, quirk 5)."""
-    sgd = optax.sgd(lr_schedule(config, steps_per_epoch), momentum=config.momentum or None)
+def _check_lr_multipliers(rules) -> tuple[tuple[str, float], ...]:
+    checked = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise ValueError(f"lr_multipliers entries must be (regex, multiplier) pairs; got {rule!r}")
+        pattern, multiplier = rule
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"lr_multipliers regex {pattern!r} does not compile: {e}") from None
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not multiplier >= 0:
+            raise ValueError(f"lr_multipliers multiplier for {pattern!r} must be a number >= 0; got {multiplier!r}")
+        checked.append((str(pattern), float(multiplier)))
+    return tuple(checked)
+
+
+def parameter_groups(config: TrainConfig, params) -> Any:
+    """The group label of every parameter ("default", or "group{i}" for the i-th rule of
+    ``config.lr_multipliers`` that matches its "/"-joined path first). Raises ValueError for a rule that gets no
+    parameter (a misspelt path would otherwise silently train everything at one rate)."""
+    used = set()
+
+    def label(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        for i, (pattern, _) in enumerate(config.lr_multipliers):
+            if re.search(pattern, name):
+                used.add(i)
+                return f"group{i}"
+        return "default"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    unused = [config.lr_multipliers[i][0] for i in range(len(config.lr_multipliers)) if i not in used]
+    if unused:
+        names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        raise ValueError(
+            f"lr_multipliers rules {unused} get no parameter (they match none, or only parameters an earlier rule "
+            f"took); parameter paths look like {names[:4]}"
+        )
+    return labels
+
+
+def _sgd(config: TrainConfig, steps_per_epoch: int, multiplier: float = 1.0) -> optax.GradientTransformation:
+    schedule = lr_schedule(config, steps_per_epoch)
+    if multiplier != 1.0:
+        schedule = lambda step, base=schedule: multiplier * base(step)  # noqa: E731
+    sgd = optax.sgd(schedule, momentum=config.momentum or None)
     if config.weight_decay:
         return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
     return sgd
 
 
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """PyTorch SGD: buf = momentum*buf + (g + wd*w); w -= lr*buf (plain momentum SGD; docs/method.md, quirk 5).
+
+    With ``config.lr_multipliers``, one such SGD per parameter group (``optax.multi_transform``), each at its
+    multiple of the learning rate schedule.
+    """
+    if not config.lr_multipliers:
+        return _sgd(config, steps_per_epoch)
+    transforms = {"default": _sgd(config, steps_per_epoch)}
+    for i, (_, multiplier) in enumerate(config.lr_multipliers):
+        transforms[f"group{i}"] = _sgd(config, steps_per_epoch, multiplier)
+    return optax.multi_transform(transforms, lambda params: parameter_groups(config, params))
+
+
 def make_model(config: TrainConfig, num_classes: int, *, axis_name: str | None = None):
-    """The network; ``axis_name`` set inside data-parallel steps (BN statistics, global correlation)."""
-    return get_model(
-        config.model,
-        config=config.quant,
-        num_classes=num_classes,
-        bn_axis_name=axis_name,
-        correlation_axis_name=axis_name if config.global_correlation else None,
-        dtype=DTYPES[config.dtype],
-    )
+    """The network the objective builds around ``config.model``; ``axis_name`` set inside data-parallel steps (BN
+    statistics, global correlation)."""
+    fields = {
+        "config": config.quant,
+        "bn_axis_name": axis_name,
+        "correlation_axis_name": axis_name if config.global_correlation else None,
+        "dtype": DTYPES[config.dtype],
+    }
+    return config.objective.network(config.model, num_classes, fields)
 
 
 def create_train_state(
@@ -205,7 +280,8 @@ def create_train_state(
     tx = make_optimizer(config, steps_per_epoch)
     admm_state = None
     if config.admm:
-        gaps = gap_shapes(model, variables, dummy, train=True)  # init records no gaps; shapes only
+        # init records no gaps; shapes only. The objective lays out one step's gaps (e.g. one tree per domain).
+        gaps = config.objective.gap_tree(gap_shapes(model, variables, dummy, train=True))
         admm_state = config.make_admm().init(gaps, key=admm_key, dim=gap_batch)
     return TrainState(
         params=params,

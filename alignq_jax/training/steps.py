@@ -1,7 +1,8 @@
 """Pure train and eval steps, and their single-device / data-parallel (shard_map over a Mesh, or pmap) forms.
 
 One iteration (docs/method.md §6): forward in train mode (quantized weights and activations, correlation gaps
-recorded), loss = CE + admm_weight * ADMM penalty, gradients (averaged over the device axis), optax update, then
+recorded), loss = the objective's loss (cross-entropy for classification, ``alignq_jax.training.objectives``) +
+admm_weight * ADMM penalty, gradients (averaged over the device axis), optax update, then
 the ADMM update with this step's gaps (computed before the weight update, as the official code does).
 """
 
@@ -18,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from alignq_jax.quantize import CORRELATION_RNG, GAP_COLLECTION
+from alignq_jax.training.objectives import CLASSIFICATION
 from alignq_jax.training.state import DATA_AXIS, TrainConfig, TrainState, make_model, make_optimizer
 
 
@@ -31,10 +33,16 @@ def train_step(
     admm_weight: float,
     axis_name: str | None = None,
     same_rng_on_devices: bool = False,
+    objective=CLASSIFICATION,
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
 ):
     """One optimisation step on the local batch. Returns (new state, metrics averaged over ``axis_name``).
 
-    batch: {"image": (B, H, W, C) float, "label": (B,) int}. ``same_rng_on_devices``: every device draws the
+    ``objective`` (``alignq_jax.training.objectives``) computes the task loss from the batch (its layout is the
+    objective's: {"image": (B, H, W, C) float, "label": (B,) int} for classification) through forward passes of
+    ``model``; the step adds ``admm_weight`` * the ADMM penalty of the gaps those passes recorded. ``schedule``:
+    a function of the step counter whose traced value reaches the objective as ``coefficient`` and the metrics as
+    "coefficient". Metrics: "loss", "penalty" and the objective's. ``same_rng_on_devices``: every device draws the
     same sampled features (needed when the correlation is all-gathered over devices).
     """
     mutable = ["batch_stats", GAP_COLLECTION] if admm is not None else ["batch_stats"]
@@ -44,34 +52,34 @@ def train_step(
     step_key, next_rng = jax.random.split(state.rng)
     if axis_name is not None and not same_rng_on_devices:
         step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
+    coefficient = schedule(state.step) if schedule is not None else None
 
     def loss_fn(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True, mutable=mutable,
-            rngs={CORRELATION_RNG: step_key},
-        )
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-        gaps = updates.get(GAP_COLLECTION, {})
-        penalty = admm.penalty(gaps, state.admm_state) if admm is not None else jnp.zeros(())
-        return ce + admm_weight * penalty, (ce, penalty, logits, updates["batch_stats"], gaps)
+        def forward(batch_stats, images, key, **kwargs):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=mutable,
+                rngs={CORRELATION_RNG: key}, **kwargs,
+            )
+            return outputs, updates["batch_stats"], updates.get(GAP_COLLECTION, {})
 
-    (loss, (ce, penalty, logits, batch_stats, gaps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        terms = objective.loss(forward, state.batch_stats, batch, coefficient, step_key)
+        penalty = admm.penalty(terms.gaps, state.admm_state) if admm is not None else jnp.zeros(())
+        return terms.loss + admm_weight * penalty, (terms, penalty)
+
+    (loss, (terms, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    admm_state = admm.update(gaps, state.admm_state) if admm is not None else state.admm_state
-    metrics = {
-        "loss": loss,
-        "ce": ce,
-        "penalty": penalty,
-        "accuracy": jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)),
-    }
+    admm_state = admm.update(terms.gaps, state.admm_state) if admm is not None else state.admm_state
+    metrics = {"loss": loss, "penalty": penalty, **terms.metrics}
+    if coefficient is not None:
+        metrics["coefficient"] = jnp.asarray(coefficient, jnp.float32)
     if axis_name is not None:
         metrics = jax.lax.pmean(metrics, axis_name)
     new_state = state.replace(
         params=params,
-        batch_stats=batch_stats,
+        batch_stats=terms.batch_stats,
         opt_state=opt_state,
         admm_state=admm_state,
         step=state.step + 1,
@@ -204,7 +212,8 @@ def make_steps(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
     model = make_model(config, num_classes, axis_name=axis)
     local_train = partial(
         train_step, model=model, tx=tx, admm=admm, admm_weight=config.admm_weight, axis_name=axis,
-        same_rng_on_devices=config.global_correlation,
+        same_rng_on_devices=config.global_correlation, objective=config.objective,
+        schedule=config.objective.schedule(steps_per_epoch, config.epochs),
     )
     local_eval = partial(eval_step, model=model, axis_name=axis)
 
