@@ -246,10 +246,11 @@ def lmmd_weights(source_labels, target_probs, num_classes):
     Returns: (W_ss, W_tt, W_st), float32 (float64 for float64 probabilities).
     """
     _check_positive_int(num_classes, "num_classes")
-    if jnp.ndim(source_labels) != 1 or jnp.shape(source_labels)[0] < 1 or not jnp.issubdtype(jnp.asarray(source_labels).dtype, jnp.integer):
+    label_dtype = jnp.asarray(source_labels).dtype
+    if jnp.ndim(source_labels) != 1 or jnp.shape(source_labels)[0] < 1 or not jnp.issubdtype(label_dtype, jnp.integer):
         raise ValueError(
             f"source_labels must be a (B,) integer array with B >= 1; got shape {jnp.shape(source_labels)}, "
-            f"dtype {jnp.asarray(source_labels).dtype}"
+            f"dtype {label_dtype}"
         )
     if jnp.ndim(target_probs) != 2 or jnp.shape(target_probs)[1] != num_classes:
         raise ValueError(f"target_probs must have shape (B, num_classes={num_classes}); got {jnp.shape(target_probs)}")
@@ -302,10 +303,13 @@ def lmmd(source_features, target_features, source_labels, target_probs, num_clas
     _check_features(source_features, target_features)
     bs = source_features.shape[0]
     if jnp.shape(source_labels) != (bs,):
-        raise ValueError(f"source_labels must have shape ({bs},) to match source_features; got {jnp.shape(source_labels)}")
+        raise ValueError(
+            f"source_labels must have shape ({bs},) to match source_features; got {jnp.shape(source_labels)}"
+        )
     if jnp.shape(target_probs)[:1] != target_features.shape[:1]:
         raise ValueError(
-            f"target_probs must have one row per target sample ({target_features.shape[0]}); got {jnp.shape(target_probs)}"
+            f"target_probs must have one row per target sample ({target_features.shape[0]}); "
+            f"got {jnp.shape(target_probs)}"
         )
     kernel = multi_kernel_gaussian(
         source_features, target_features, kernel_mul=kernel_mul, kernel_num=kernel_num, fix_sigma=fix_sigma
