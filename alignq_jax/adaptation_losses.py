@@ -82,9 +82,9 @@ def dann_coefficient(progress, *, gamma=10.0, denominator_eps=0.0):
     """DANN schedule 2 / (1 + exp(-gamma * p) + denominator_eps) - 1 (docs/method.md §10).
 
     Equal to tanh(gamma * p / 2) for denominator_eps = 0: rises from 0 at p = 0 to 0.99991 at p = 1 (gamma = 10).
-    ``denominator_eps = 1e-6``
-    reproduces the official code exactly; the default 0 is the published schedule (Ganin et al.), which is
-    exactly 0 at p = 0 (the official value there is -5e-7) and differs from the official one by at most 2e-6.
+    ``denominator_eps = 1e-6`` reproduces the official code exactly; the default 0 is the published schedule
+    (Ganin et al.), which is exactly 0 at p = 0 (the official value there is -5e-7, a reversed reversal) and
+    differs from the official one by at most 2e-6 elsewhere.
 
     Args:
       progress: scalar training progress p in [0, 1], float, possibly traced (see :func:`training_progress`).
