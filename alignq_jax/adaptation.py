@@ -193,11 +193,38 @@ class DSAN(_PairedObjective):
         return StepTerms(ce + self.lmmd_weight * coefficient * discrepancy, metrics, batch_stats, gaps)
 
 
-OBJECTIVES = {"dann": DANN, "dsan": DSAN}
+@dataclasses.dataclass(frozen=True)
+class SourceOnly(_PairedObjective):
+    """The no-adaptation baseline on the same network and batches: CE on the source batch only (the target batch
+    is not forwarded, so it never reaches the BatchNorm statistics). Its variables have the layout of DSAN's (and of
+    DANN's without the domain head), so a source-only model and an adapted one compare like for like.
+
+    Metrics: "ce", "accuracy" (source batch).
+    """
+
+    name = "source_only"
+
+    def schedule(self, steps_per_epoch: int, epochs: int):
+        return None
+
+    def loss(self, forward, batch_stats, batch, coefficient, key) -> StepTerms:
+        logits, batch_stats, gaps = forward(batch_stats, batch["source"]["image"], key)
+        labels = batch["source"]["label"]
+        ce = cross_entropy(logits, labels)
+        return StepTerms(ce, {"ce": ce, "accuracy": accuracy(logits, labels)}, batch_stats, {"source": gaps})
+
+    def gap_tree(self, gaps):
+        return {"source": gaps}
+
+    def statistics_batches(self, batch: dict) -> list[dict]:
+        return [{"image": batch["source"]["image"]}]
+
+
+OBJECTIVES = {"dann": DANN, "dsan": DSAN, "source_only": SourceOnly}
 
 
 def make_objective(name: str, **options):
-    """A domain-adaptation objective by name ("dann", "dsan") with its options."""
+    """A domain-adaptation objective by name ("dann", "dsan", "source_only") with its options."""
     try:
         cls = OBJECTIVES[name]
     except KeyError:

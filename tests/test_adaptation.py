@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignq_jax.adaptation import DANN, DSAN, AdaptationNet, make_objective
+from alignq_jax.adaptation import DANN, DSAN, AdaptationNet, SourceOnly, make_objective
 from alignq_jax.adaptation_losses import lmmd
 from alignq_jax.data import ArrayDataset
 from alignq_jax.data.paired import PairedDomains
@@ -182,3 +182,19 @@ def test_fit_dann_on_paired_domains_two_devices(tmp_path):
     fit(config, paired, workdir=again, progress=False, stop_after_epochs=1)
     resumed = fit(config, paired, workdir=again, progress=False, resume=True)
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params, result.state.params)
+
+
+def test_source_only_never_forwards_the_target():
+    """Same variables as DSAN; the loss and the BatchNorm statistics depend on the source batch alone."""
+    objective = SourceOnly(bottleneck=6)
+    config, model, state, batch, step = _one_step(objective)
+    dsan_params = create_train_state(dataclasses.replace(config, objective=DSAN(bottleneck=6)), (8, 8, 1), 3, 4,
+                                     gap_batch=8, init_images=batch["source"]["image"]).params
+    assert jax.tree.structure(state.params) == jax.tree.structure(dsan_params)
+    new, metrics = step(state, batch)
+    other_target = {**batch, "target": {"image": batch["target"]["image"][::-1] * 3.0}}
+    new2, metrics2 = step(state, other_target)
+    jax.tree.map(np.testing.assert_array_equal, new.batch_stats, new2.batch_stats)
+    jax.tree.map(np.testing.assert_array_equal, new.params, new2.params)
+    np.testing.assert_array_equal(metrics["loss"], metrics2["loss"])
+    assert "coefficient" not in metrics
