@@ -330,10 +330,10 @@ def restore_pretrained(pretrained: Mapping, template: Mapping, *, prefix: str | 
     when the template has backbone entries (not the head, ``fresh`` or quantizer state) that the file lacks.
     """
     prefix = _split_prefix(prefix)
+    if isinstance(fresh, str) or not all(isinstance(f, str) for f in fresh):
+        raise ValueError(f"fresh must be a sequence of module names, e.g. ('fc',); got {fresh!r}")
     fresh = tuple(fresh)
     where = f" under prefix {SEPARATOR.join(prefix)!r}" if prefix else ""
-    if isinstance(fresh, str) or not all(isinstance(f, str) for f in fresh):
-        raise ValueError(f"fresh must be a sequence of module names; got {fresh!r}")
     file_flat = flatten_variables(pretrained)
     if not file_flat:
         raise ValueError("the pretrained variables are empty")
