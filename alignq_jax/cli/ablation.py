@@ -467,15 +467,20 @@ def build_plan(args) -> tuple[list[tuple[Cell, object]], list[dict]]:
             plan.append((cell, cell_config(args, cell)))
         except ValueError as e:
             raise ValueError(f"settings of cell {cell.title}: {e}") from None
+    check_batch_devices(args, plan[0][1])
+    return plan, skipped
+
+
+def check_batch_devices(args, config) -> None:
+    """ValueError unless --batch-size divides over the devices ``config`` runs on (and --devices exist)."""
     from alignq_jax.training.steps import resolve_parallel
 
-    mode, devices = resolve_parallel(plan[0][1])  # ValueError for --devices beyond what is visible
+    mode, devices = resolve_parallel(config)  # ValueError for --devices beyond what is visible
     if args.batch_size % len(devices):
         raise ValueError(
             f"--batch-size {args.batch_size} must be divisible by the number of devices ({len(devices)}, "
             f"{'--devices' if args.devices else 'all visible'}; parallel={mode})"
         )
-    return plan, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -816,17 +821,22 @@ def run_cell(ctx: Context, cell: Cell, config) -> dict:
 
 def _zeroq(ctx: Context, cell: Cell, config):
     """The ZeroQ model of ``cell``: the seed's FP32 model quantized from data distilled from its BN statistics."""
+    return zeroq_model(cell_config(ctx.args, Cell(FP32, 32, cell.seed)), config, _fp_variables(ctx, cell.seed),
+                       ctx.dataset, seed=cell.seed, args=ctx.args)
+
+
+def zeroq_model(fp_config, config, fp_variables: dict, dataset, *, seed: int, args):
+    """``TrainedModel`` of ``config`` (ZeroQ's quantizer): the model of ``fp_config`` with ``fp_variables``
+    quantized post-training from images distilled from its BN statistics (--zeroq-images, --zeroq-steps)."""
     import jax
 
     from alignq_jax.training import TrainedModel, make_model
     from alignq_jax.zeroq import zeroq_quantize
 
-    fp_config = cell_config(ctx.args, Cell(FP32, 32, cell.seed))
-    num_classes = ctx.dataset.num_classes
+    num_classes = dataset.num_classes
     variables = zeroq_quantize(
-        make_model(fp_config, num_classes), make_model(config, num_classes), _fp_variables(ctx, cell.seed),
-        ctx.dataset.image_shape, key=jax.random.key(cell.seed), num_images=ctx.args.zeroq_images,
-        steps=ctx.args.zeroq_steps,
+        make_model(fp_config, num_classes), make_model(config, num_classes), fp_variables, dataset.image_shape,
+        key=jax.random.key(seed), num_images=args.zeroq_images, steps=args.zeroq_steps,
     )
     return TrainedModel(make_model(config, num_classes), variables, config, num_classes)
 

@@ -292,8 +292,9 @@ def check_training_flags(args, need) -> None:
                          "re-estimate from)")
     need(args.correlation_features == 0 or args.correlation_features >= 2, "correlation_features",
          "0 (the exact gap) or at least 2")
-    for dest in ("limit_train", "limit_test", "devices"):
-        need(getattr(args, dest) is None or getattr(args, dest) >= 1, dest, "at least 1 (leave it out for all)")
+    for dest in ("limit_train", "limit_test", "limit", "devices"):
+        if hasattr(args, dest):  # the data limits a CLI has
+            need(getattr(args, dest) is None or getattr(args, dest) >= 1, dest, "at least 1 (leave it out for all)")
     need(all(0 < f < 1 for f in args.milestones), "milestones", "fractions of the epochs, each in (0, 1)")
 
 
