@@ -293,11 +293,14 @@ def test_two_worker_processes_give_the_same_batches(office):
     kwargs = dict(protocol="paper", image_size=32)
     ref = office31_task(office, "amazon", "webcam", worker_count=0, **kwargs).target
     with office31_task(office, "amazon", "webcam", worker_count=2, **kwargs).target as ds:
+        pipelines = []
         for epoch in (0, 1):  # the second epoch comes from the same workers, decoded ahead
             for b0, b2 in zip(ref.train_batches(2, seed=7, epoch=epoch), ds.train_batches(2, seed=7, epoch=epoch),
                               strict=True):
                 for key in ("image", "label", "mask"):
                     np.testing.assert_array_equal(b0[key], b2[key])
+            pipelines.append(ds._streams["train"])
+        assert pipelines[0] is pipelines[1]
         for key in ("image", "label", "mask"):
             np.testing.assert_array_equal(_all(ref.test_batches(3))[key], _all(ds.test_batches(3))[key])
 

@@ -30,9 +30,13 @@ Then ToTensor + Normalize with the ImageNet mean and std (on [0, 1] pixels).
 
 Randomness: the shuffle order is a pure function of ``(seed, epoch)`` (``epoch_indices``) and the crop offsets and
 flip of an image a pure function of ``(seed, epoch, its index in the split)``, so batches do not depend on the
-number of workers or of shards. Every ``train_batches``/``test_batches`` call with ``worker_count > 0`` starts
-its own worker processes (grain's ``mp_prefetch``, spawned: each imports this package, about 2 s) and stops them when
-the iterator is exhausted or closed.
+number of workers or of shards.
+
+Workers: grain's ``mp_prefetch`` spawns ``worker_count`` processes per pipeline, each importing this package (and so
+JAX: seconds). A data set keeps its training and its evaluation pipeline alive between calls, so consecutive epochs
+reuse the workers, which decode ahead across the epoch boundary (``ImageFolderDataset``); a task's source and target
+data sets have their own, so up to four pipelines of ``worker_count`` processes run during adaptation. Programs that
+use workers must guard their entry point with ``if __name__ == "__main__":`` (spawned processes re-import it).
 """
 
 from __future__ import annotations
