@@ -243,10 +243,14 @@ def decode_image(
       (S, S, 3) uint8.
 
     Raises:
-      ValueError: the file cannot be read or decoded (the message names it).
+      ValueError: the file cannot be read or decoded (the message names it); bad transform or sizes.
     """
     from PIL import Image
 
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    if not 1 <= image_size <= resize_size:
+        raise ValueError(f"need 1 <= image_size <= resize_size, got image_size={image_size}, resize_size={resize_size}")
     img = _load_rgb(path)
     s, r = image_size, resize_size
     bilinear = Image.Resampling.BILINEAR
