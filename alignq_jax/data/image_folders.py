@@ -352,7 +352,7 @@ def _make_grain_profiling_flag_readable() -> None:
     """Lets grain start worker processes in a program that does not parse absl flags (no ``absl.app``).
 
     With JAX imported, grain 0.2.18 reads its absl flag ``grain_enable_multiprocess_worker_profiling`` when it
-    starts workers and raises ``UnparsedFlagAccessError`` if flags were never parsed (google/grain#1355, fixed
+    starts workers and raises ``UnparsedFlagAccessError`` if flags were never parsed (a grain bug, fixed upstream
     after that release). Marking that one flag present keeps its value (the default, False) and leaves every
     other flag as it is; grain marks its own debug flags the same way.
     """
