@@ -758,7 +758,7 @@ def notes(args, records, skipped, command: str, total: int, seconds: float, data
         "unlabelled target training images (unaugmented), then evaluated; no training step reads target labels.",
     ]
     if args.kind == OFFICE and args.pretrained:
-        lines.append(f"Both FP32 models start from the ImageNet ResNet-50 weights in {Path(args.pretrained).name}; "
+        lines.append(f"Both FP32 models start from the pretrained backbone weights in {Path(args.pretrained).name}; "
                      f"the backbone trains at {BACKBONE_LR_MULTIPLIER:g} x the learning rate in every cell.")
     if args.kind == DIGITS:
         lines.append("Every domain is normalised with the source training images' channel mean and std; no "
