@@ -360,6 +360,10 @@ class Cell:
         """The table row it belongs to (variant, ADMM weight)."""
         return self.variant, self.admm_weight
 
+    @property
+    def fp(self) -> bool:
+        return self.variant == FP32
+
 
 def method_bits_defined(variant: Variant, bits: int) -> str | None:
     """None when ``variant`` defines ``bits``; else the reason it does not (the method's own message)."""
@@ -452,11 +456,13 @@ def cell_config(args, cell: Cell):
     )
 
 
-def build_plan(args) -> tuple[list[tuple[Cell, object]], list[dict]]:
+def build_plan(args, *, cells_of=None, config_of=None) -> tuple[list[tuple[Cell, object]], list[dict]]:
     """[(cell, TrainConfig)] and the skipped pairs; every config is built here, so bad settings fail before any
-    training. Raises ValueError (the message names the cell)."""
-    cells, skipped = plan_cells(args)
-    if len(cells) == args.seeds:
+    training. Raises ValueError (the message names the cell). ``cells_of(args)`` -> (cells, skipped) and
+    ``config_of(args, cell)`` -> TrainConfig (default: ``plan_cells`` and ``cell_config``) let another runner use it
+    with its own cells (each with ``fp``, ``title``)."""
+    cells, skipped = (cells_of or plan_cells)(args)
+    if all(c.fp for c in cells):
         raise ValueError(
             "no quantized cell left: every --methods entry is undefined at every --bits ("
             + "; ".join(f"{s['variant']} {s['bits']}-bit: {s['reason']}" for s in skipped) + ")"
@@ -464,7 +470,7 @@ def build_plan(args) -> tuple[list[tuple[Cell, object]], list[dict]]:
     plan = []
     for cell in cells:
         try:
-            plan.append((cell, cell_config(args, cell)))
+            plan.append((cell, (config_of or cell_config)(args, cell)))
         except ValueError as e:
             raise ValueError(f"settings of cell {cell.title}: {e}") from None
     check_batch_devices(args, plan[0][1])
@@ -873,26 +879,39 @@ def run(args, plan, skipped, session: Session, out=print) -> dict:
     out(f"test sets: clean, {', '.join(shifts)}" + (f", {len(corruptions)} corrupted" if corruptions else ""))
     for s in skipped:
         out(f"skipped: {s['variant']} at {s['bits']} bits ({s['reason']})")
-    records = []
     total = len(plan)
-    for i, (cell, config) in enumerate(plan, 1):
-        done = workdir / cell.folder / RESULT_FILE
-        if done.is_file():
-            record = json.loads(done.read_text())
-            out(f"cell {i}/{total}: {cell.title}: finished, {_describe(record)}")
-        else:
-            resuming = args.resume and _has_checkpoints(workdir / cell.folder)
-            out(f"cell {i}/{total}: {cell.title}{' (resuming from its checkpoint)' if resuming else ''}")
-            record = run_cell(ctx, cell, config)
-            out(f"cell {i}/{total}: {cell.title}: {_describe(record)} ({record['wall_seconds']:.0f} s)")
-        records.append(record)
-        write_outputs(workdir, args, records, skipped, corruption_info, command, plot=False, total=total)
+    records = run_cells(
+        args, plan, workdir, lambda cell, config: run_cell(ctx, cell, config), _describe, out,
+        after_each=lambda records: write_outputs(workdir, args, records, skipped, corruption_info, command,
+                                                 plot=False, total=total))
     results = write_outputs(workdir, args, records, skipped, corruption_info, command, plot=True,
                             total=total)
     out((workdir / "table2.md").read_text() if any(r["variant"] in TABLE2_ORDER for r in records)
         else (workdir / "table1.md").read_text())
     out(f"results: {', '.join(str(workdir / f) for f in OUTPUT_FILES)}")
     return results
+
+
+def run_cells(args, plan, workdir: Path, run_one, describe, out=print, after_each=None) -> list[dict]:
+    """The records of every cell of ``plan`` [(cell, config)] in order: a cell whose folder holds its result.json
+    is read back, any other is run by ``run_one(cell, config)`` (which writes it); ``describe(record)`` is its
+    progress line, ``after_each(records so far)`` runs after every cell (e.g. partial tables)."""
+    records = []
+    total = len(plan)
+    for i, (cell, config) in enumerate(plan, 1):
+        done = workdir / cell.folder / RESULT_FILE
+        if done.is_file():
+            record = json.loads(done.read_text())
+            out(f"cell {i}/{total}: {cell.title}: finished, {describe(record)}")
+        else:
+            resuming = args.resume and _has_checkpoints(workdir / cell.folder)
+            out(f"cell {i}/{total}: {cell.title}{' (resuming from its checkpoint)' if resuming else ''}")
+            record = run_one(cell, config)
+            out(f"cell {i}/{total}: {cell.title}: {describe(record)} ({record['wall_seconds']:.0f} s)")
+        records.append(record)
+        if after_each is not None:
+            after_each(records)
+    return records
 
 
 def _describe(record: dict) -> str:
@@ -1271,18 +1290,24 @@ def main(argv=None) -> int:
             plan, skipped = build_plan(args)
         except ValueError as e:
             parser.error(str(e))
-        if not args.resume:
-            check_workdir(args, workdir)
-        with workdir_lock(workdir), interrupts_outside():
-            session.workdir = workdir
-            if args.overwrite:
-                clear_workdir(workdir)
-            run(args, plan, skipped, session)
+        run_in_workdir(args, workdir, session, lambda: run(args, plan, skipped, session))
 
     return run_cli(body, session=session, debug=args.debug,
                    interrupted="interrupted; finished cells are kept. Continue with",
                    resume_argv=["--no-progress"] if args.no_progress else [],
                    default_script="experiments/ablation.py")
+
+
+def run_in_workdir(args, workdir: Path, session: Session, work) -> None:
+    """``work()`` in ``workdir``: a used workdir is refused without --resume or --overwrite (which empties it
+    first), the workdir is locked, and Ctrl-C waits for a checkpoint write to finish."""
+    if not args.resume:
+        check_workdir(args, workdir)
+    with workdir_lock(workdir), interrupts_outside():
+        session.workdir = workdir
+        if args.overwrite:
+            clear_workdir(workdir)
+        work()
 
 
 if __name__ == "__main__":

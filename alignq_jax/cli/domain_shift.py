@@ -51,6 +51,7 @@ from alignq_jax.cli.ablation import (
     _count,
     _json,
     _write_atomic,
+    fit,
     fmt_percent,
     mean_std,
     method_bits_defined,
@@ -64,19 +65,15 @@ from alignq_jax.cli.classification import (
     UsageError,
     apply_saved_settings,
     check_training_flags,
-    check_workdir,
-    clear_workdir,
     explicit_flags,
     flag,
     flag_checker,
     invocation,
     run_cli,
     settings_of,
-    workdir_lock,
 )
 from alignq_jax.models import MODELS
 from alignq_jax.quantizers import LEVEL_MODES
-from alignq_jax.training.loop import interrupts_outside
 
 DIGITS, OFFICE = "digits", "office31"
 SCRIPTS = {DIGITS: "experiments/digits_shift.py", OFFICE: "experiments/office31.py"}
@@ -358,21 +355,9 @@ def cell_config(args, cell: Cell):
 
 
 def build_plan(args) -> tuple[list[tuple[Cell, object]], list[dict]]:
-    """[(cell, TrainConfig)] and the skipped pairs; every config is built here, so bad settings fail before any
-    training. Raises ValueError (the message names the cell)."""
-    cells, skipped = plan_cells(args)
-    if all(c.fp for c in cells):
-        raise ValueError(
-            "no quantized cell left: every --methods entry is undefined at every --bits ("
-            + "; ".join(f"{s['variant']} {s['bits']}-bit: {s['reason']}" for s in skipped) + ")")
-    plan = []
-    for cell in cells:
-        try:
-            plan.append((cell, cell_config(args, cell)))
-        except ValueError as e:
-            raise ValueError(f"settings of cell {cell.title}: {e}") from None
-    ablation.check_batch_devices(args, plan[0][1])
-    return plan, skipped
+    """[(cell, TrainConfig)] and the skipped pairs (``ablation.build_plan`` with this runner's cells): every config
+    is built here, so bad settings fail before any training. Raises ValueError (the message names the cell)."""
+    return ablation.build_plan(args, cells_of=plan_cells, config_of=cell_config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,13 +429,6 @@ def load_task_data(args, task: str) -> TaskData:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running the cells
-
-
-def fit(*args, **kwargs):
-    """``alignq_jax.training.fit`` (looked up at call time, so tests can substitute it)."""
-    from alignq_jax.training import fit as _fit
-
-    return _fit(*args, **kwargs)
 
 
 def adabn_images(target, batch_size: int, num_batches: int):
@@ -636,20 +614,12 @@ def run(args, plan, skipped, session: Session, out=print) -> dict:
         ctx = Context(args, workdir, data, out, progress=not args.no_progress and sys.stderr.isatty())
         for s in skipped:
             out(f"skipped: {s['variant']} at {s['bits']} bits ({s['reason']})")
-        records, total = [], len(plan)
-        for i, (cell, config) in enumerate(plan, 1):
-            done = workdir / cell.folder / RESULT_FILE
-            if done.is_file():
-                record = json.loads(done.read_text())
-                out(f"cell {i}/{total}: {cell.title}: finished, {_describe(record)}")
-            else:
-                resuming = args.resume and ablation._has_checkpoints(workdir / cell.folder)
-                out(f"cell {i}/{total}: {cell.title}{' (resuming from its checkpoint)' if resuming else ''}")
-                record = run_cell(ctx, cell, config)
-                out(f"cell {i}/{total}: {cell.title}: {_describe(record)} ({record['wall_seconds']:.0f} s)")
-            records.append(record)
-            write_outputs(workdir, args, records, skipped, command, plot=False, total=total,
-                          seconds=time.perf_counter() - t0, descriptions=descriptions)
+        total = len(plan)
+        records = ablation.run_cells(
+            args, plan, workdir, lambda cell, config: run_cell(ctx, cell, config), _describe, out,
+            after_each=lambda records: write_outputs(workdir, args, records, skipped, command, plot=False,
+                                                     total=total, seconds=time.perf_counter() - t0,
+                                                     descriptions=descriptions))
     finally:
         for d in data.values():
             d.close()
@@ -904,13 +874,7 @@ def main(argv=None, *, kind: str = DIGITS) -> int:
             plan, skipped = build_plan(args)
         except ValueError as e:
             parser.error(str(e))
-        if not args.resume:
-            check_workdir(args, workdir)
-        with workdir_lock(workdir), interrupts_outside():
-            session.workdir = workdir
-            if args.overwrite:
-                clear_workdir(workdir)
-            run(args, plan, skipped, session)
+        ablation.run_in_workdir(args, workdir, session, lambda: run(args, plan, skipped, session))
 
     return run_cli(body, session=session, debug=args.debug,
                    interrupted="interrupted; finished cells are kept. Continue with",
