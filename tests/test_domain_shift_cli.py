@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_ablation import table_rows  # {row label: cells} of a Markdown table file
 
 from alignq_jax.adaptation import DSAN
 from alignq_jax.cli import domain_shift
@@ -59,15 +60,6 @@ def reference(tmp_path_factory):
 
 def cell_results(workdir: Path) -> dict:
     return {c: json.loads((workdir / c / "result.json").read_text()) for c in CELLS}
-
-
-def table_rows(path: Path) -> dict[str, list[str]]:
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("| ") and not line.startswith("| method"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
-    return rows
 
 
 def expected_cell(values) -> str:

@@ -268,23 +268,7 @@ def validate_args(args, explicit: set[str]) -> None:
     need(len(set(args.bits)) == len(args.bits), "bits", "distinct bit-widths")
     need(all(w > 0 for w in args.admm_weight), "admm_weight", "positive values")
     need(len(set(args.admm_weight)) == len(args.admm_weight), "admm_weight", "distinct values")
-    unknown = [m for m in args.methods if m not in VARIANTS]
-    if unknown:
-        raise ValueError(f"--methods: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(VARIANTS)}")
-    need(len(set(args.methods)) == len(args.methods), "methods", "distinct names")
-    missing = [m for m in args.methods if not _available(VARIANTS[m])]
-    if missing:
-        raise ValueError(f"--methods: {', '.join(missing)} not available in this installation of alignq_jax "
-                         f"(registered methods: {', '.join(_registered())}); leave them out with --methods")
-    if not any(VARIANTS[m].admm for m in args.methods):
-        given = sorted(flag(d) for d in explicit & {"admm_weight", "admm_mode", "correlation_features",
-                                                    "admm_strength_batches"})
-        if given:
-            raise ValueError(f"{', '.join(given)}: only used by admm_only and cdf_admm, which --methods leaves out")
-    if "zeroq" not in args.methods:
-        given = sorted(flag(d) for d in explicit & {"zeroq_images", "zeroq_steps"})
-        if given:
-            raise ValueError(f"{', '.join(given)}: only used by zeroq, which --methods leaves out")
+    check_rows(args, explicit, {"admm_weight", "admm_mode", "correlation_features", "admm_strength_batches"})
     if args.no_corruptions:
         given = sorted(flag(d) for d in explicit & {"corruptions", "severities", "corruption_examples",
                                                     "corruption_workers", "cache_dir"})
@@ -299,6 +283,28 @@ def validate_args(args, explicit: set[str]) -> None:
             check_severities(args.severities)
         except ValueError as e:
             raise ValueError(f"--severities: {e}") from None
+
+
+def check_rows(args, explicit: set[str], admm_flags: set[str]) -> None:
+    """--methods: known, distinct and installed rows; ``admm_flags`` (dests) and the ZeroQ flags given
+    explicitly only with a row that uses them. Raises ValueError naming the flag."""
+    need = flag_checker(args)
+    unknown = [m for m in args.methods if m not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--methods: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(VARIANTS)}")
+    need(len(set(args.methods)) == len(args.methods), "methods", "distinct names")
+    missing = [m for m in args.methods if not _available(VARIANTS[m])]
+    if missing:
+        raise ValueError(f"--methods: {', '.join(missing)} not available in this installation of alignq_jax "
+                         f"(registered methods: {', '.join(_registered())}); leave them out with --methods")
+    if not any(VARIANTS[m].admm for m in args.methods):
+        given = sorted(flag(d) for d in explicit & admm_flags)
+        if given:
+            raise ValueError(f"{', '.join(given)}: only used by admm_only and cdf_admm, which --methods leaves out")
+    if "zeroq" not in args.methods:
+        given = sorted(flag(d) for d in explicit & {"zeroq_images", "zeroq_steps"})
+        if given:
+            raise ValueError(f"{', '.join(given)}: only used by zeroq, which --methods leaves out")
 
 
 def _corruption_names(values):

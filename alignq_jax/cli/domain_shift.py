@@ -66,7 +66,6 @@ from alignq_jax.cli.classification import (
     apply_saved_settings,
     check_training_flags,
     explicit_flags,
-    flag,
     flag_checker,
     invocation,
     run_cli,
@@ -228,18 +227,7 @@ def validate_args(args, explicit: set[str]) -> None:
         need(getattr(args, dest) > 0, dest, "positive")
     check_training_flags(args, need)
     need(len(set(args.bits)) == len(args.bits), "bits", "distinct bit-widths")
-    unknown = [m for m in args.methods if m not in VARIANTS]
-    if unknown:
-        raise ValueError(f"--methods: unknown {', '.join(map(repr, unknown))}; allowed: {', '.join(VARIANTS)}")
-    need(len(set(args.methods)) == len(args.methods), "methods", "distinct names")
-    if not any(VARIANTS[m].admm for m in args.methods):
-        given = sorted(flag(d) for d in explicit & {"admm_weight", "admm_mode", "correlation_features"})
-        if given:
-            raise ValueError(f"{', '.join(given)}: only used by admm_only and cdf_admm, which --methods leaves out")
-    if "zeroq" not in args.methods:
-        given = sorted(flag(d) for d in explicit & {"zeroq_images", "zeroq_steps"})
-        if given:
-            raise ValueError(f"{', '.join(given)}: only used by zeroq, which --methods leaves out")
+    ablation.check_rows(args, explicit, {"admm_weight", "admm_mode", "correlation_features"})
     need(len(set(args.tasks or [])) == len(args.tasks or []), "tasks", "distinct tasks")
     if args.kind == DIGITS:
         need(args.data_seed >= 0, "data_seed", "0 or more")
