@@ -125,7 +125,8 @@ def test_tables_csv_and_json_equal_the_per_cell_records(reference):
     assert f"{TASK}: target, training BN" in header and f"{TASK}: target, AdaBN" in header
     for phrase in ("LAST epoch", "seeds 0..1", "Command: `", "--methods uniform cdf_admm", "AdaBN = BatchNorm"):
         assert phrase in text
-    assert "MODEL SELECTION ON TEST DATA" in (workdir / "best_epoch.md").read_text()
+    best_text = (workdir / "best_epoch.md").read_text()
+    assert "MODEL SELECTION ON TEST DATA" in best_text and "BEST epoch" in best_text and "LAST epoch" not in best_text
     with open(workdir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(CELLS)
