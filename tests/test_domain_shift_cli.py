@@ -376,3 +376,28 @@ def test_office31_runner_on_a_tiny_jpeg_folder_with_a_pretrained_backbone(tmp_pa
     rows = table_rows(workdir / "table1.md")
     assert list(rows) == ["FP32 source only", "FP32 DSAN", "Uniform"]
     assert "pretrained backbone weights in backbone.npz" in (workdir / "table1.md").read_text()
+
+
+def test_office31_protocols_give_the_source_test_split_only_when_held_out(tmp_path):
+    from test_image_folders import COUNTS, _write_tree
+
+    root = tmp_path / "office"
+    _write_tree(root)
+    parser = domain_shift.build_parser("office31")
+    data = {}
+    for protocol in ("paper", "full"):
+        args = parser.parse_args(["--data-dir", str(root), "--tasks", "amazon:webcam", "--protocol", protocol,
+                                  "--workers", "0", "--image-size", "16"])
+        domain_shift.resolve_defaults(args, "office31")
+        data[protocol] = domain_shift.office_task_data(args, "amazon:webcam")
+    amazon, webcam = sum(COUNTS["amazon"].values()), sum(COUNTS["webcam"].values())
+    full = data["full"]
+    assert full.source_test is None
+    assert (full.paired.source.num_train, full.target.num_train, full.target.num_test) == (amazon, webcam, webcam)
+    paper = data["paper"]
+    # Per class int(0.8 n) files train, the rest held out, in both domains.
+    held = {d: sum(n - int(0.8 * n) for n in COUNTS[d].values()) for d in ("amazon", "webcam")}
+    assert paper.source_test.num_test == held["amazon"]
+    assert paper.paired.source.num_train == amazon - held["amazon"]
+    assert (paper.target.num_train, paper.target.num_test) == (webcam - held["webcam"], held["webcam"])
+    assert not set(paper.source_test.test.paths) & set(paper.paired.source.train.paths)
