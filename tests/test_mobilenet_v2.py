@@ -204,6 +204,22 @@ def _record_operands(seen):
     return intercept
 
 
+def traced_conv_input_quantization(model, x, shapes) -> dict[str, bool]:
+    """{conv path: whether its operand differs from its input (a quantized input)} for a training-mode forward
+    of ``model`` on ``x``, traced only (``jax.eval_shape`` over the variable ``shapes``)."""
+    quantized = {}
+
+    def run(v):
+        seen = {}
+        with nn.intercept_methods(_record_operands(seen)):
+            model.apply(v, x, train=True, mutable=["batch_stats", GAP_COLLECTION])
+        quantized.update({path: r["op"] is not r["__call__"] for path, r in seen.items() if "op" in r})
+        return 0
+
+    jax.eval_shape(run, shapes)
+    return quantized
+
+
 def _run_recorded(model, variables, x, train=True):
     def run(v):
         seen = {}
@@ -297,16 +313,7 @@ def test_conv_input_placement_of_the_full_network(method_name):
     model = MobileNetV2(config=QuantConfig(4, 4, method=method_name))
     x = jnp.zeros((2, 32, 32, 3))
     shapes = _shapes(model)
-    quantized = {}
-
-    def run(v):
-        seen = {}
-        with nn.intercept_methods(_record_operands(seen)):
-            model.apply(v, x, train=True, mutable=["batch_stats", GAP_COLLECTION])
-        quantized.update({path: r["op"] is not r["__call__"] for path, r in seen.items() if "op" in r})
-        return 0
-
-    jax.eval_shape(run, shapes)
+    quantized = traced_conv_input_quantization(model, x, shapes)
     assert len(quantized) == N_CONVS
     want = {f"{name}/{kind}" for name, *_ in _blocks() for kind in QUANTIZED_INPUT}
     assert {path for path, q in quantized.items() if q} == want

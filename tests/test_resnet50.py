@@ -27,7 +27,9 @@ from alignq_jax.pretrained import (
     restore_pretrained, save_pretrained,
 )
 from alignq_jax.quantize import GAP_COLLECTION, QuantBatchNorm, QuantConfig, QuantConv, gap_shapes
-from test_mobilenet_v2 import _quantize_activation, _quantize_weight, _record_operands, _run_recorded
+from test_mobilenet_v2 import (
+    _quantize_activation, _quantize_weight, _run_recorded, traced_conv_input_quantization,
+)
 from test_models import CFG, _check_bn_quant, _check_fp_classifier, _only, _plain_conv_outputs, record_calls_traced
 from test_placement_conv_input import _expected_state, numpy_batchnorm
 from test_placement_conv_input import random_variables as random_variables_with_quantizers
@@ -341,16 +343,7 @@ def test_conv_input_placement_of_the_full_network():
     model = ResNet50(config=QuantConfig(4, 4, method="lsq"))
     x = jnp.zeros((1, 224, 224, 3))
     shapes = _shapes(model, 224, 1)
-    quantized = {}
-
-    def run(v):
-        seen = {}
-        with nn.intercept_methods(_record_operands(seen)):
-            model.apply(v, x, train=True, mutable=["batch_stats", GAP_COLLECTION])
-        quantized.update({path: r["op"] is not r["__call__"] for path, r in seen.items() if "op" in r})
-        return 0
-
-    jax.eval_shape(run, shapes)
+    quantized = traced_conv_input_quantization(model, x, shapes)
     want = {f"{name}/{kind}" for name, *_, d in _blocks(FULL) for kind in QUANTIZED_INPUT
             if d or kind != "downsample_conv"}
     assert len(want) == 52
