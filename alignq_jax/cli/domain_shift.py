@@ -108,8 +108,9 @@ def build_parser(kind: str) -> argparse.ArgumentParser:
     from alignq_jax.data.digit_domains import TASK_NAMES
 
     recipe = _recipes()[kind]
+    # The program name as the user started it (python experiments/....py or the installed command).
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                prog=f"python {SCRIPTS[kind]}")
+                                prog=" ".join(invocation(sys.argv[0], SCRIPTS[kind])))
     if kind == DIGITS:
         p.add_argument("--method", default="dsan", choices=METHODS,
                        help="adaptation method (DSAN by default, as the supplementary's tables)")

