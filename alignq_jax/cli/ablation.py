@@ -950,6 +950,15 @@ def mean_std(values) -> dict:
             "n": n}
 
 
+def seed_summary(records: list[dict], metrics) -> dict:
+    """The seeds of one table cell: {"label", "seeds" (finished), "diverged", metric: mean_std over the finished
+    seeds for every metric of ``metrics``}."""
+    ok = [r for r in records if r["status"] == "done"]
+    return {"label": records[0]["label"], "seeds": sorted(r["seed"] for r in ok),
+            "diverged": sorted(r["seed"] for r in records if r not in ok),
+            **{m: mean_std([r.get(m) for r in ok]) for m in metrics}}
+
+
 def summarise(records: list[dict]) -> list[dict]:
     """One entry per table row and bit-width: {"variant", "label", "bits", "admm_weight", "seeds", "diverged",
     metric: mean_std over the seeds, "admm_ratio": mean_std, "per_corruption": {corruption: mean_std}}.
@@ -960,10 +969,7 @@ def summarise(records: list[dict]) -> list[dict]:
     out = []
     for (variant, bits, weight), rs in groups.items():
         ok = [r for r in rs if r["status"] == "done"]
-        entry = {"variant": variant, "label": rs[0]["label"], "bits": bits, "admm_weight": weight,
-                 "seeds": sorted(r["seed"] for r in ok), "diverged": sorted(r["seed"] for r in rs if r not in ok)}
-        for m in METRICS:
-            entry[m] = mean_std([r.get(m) for r in ok])
+        entry = {"variant": variant, "bits": bits, "admm_weight": weight, **seed_summary(rs, METRICS)}
         entry["admm_ratio"] = mean_std([r["admm_strength"]["ratio"] for r in ok if r.get("admm_strength")])
         per = [r["per_corruption"] for r in ok if r.get("per_corruption")]
         entry["per_corruption"] = {c: mean_std([p[c] for p in per]) for c in (per[0] if per else {})}

@@ -637,11 +637,7 @@ def summarise(records: list[dict], tasks: list[str]) -> list[dict]:
         groups.setdefault((r["task"], r["variant"], r["bits"]), []).append(r)
     out = []
     for (task, variant, bits), rs in groups.items():
-        ok = [r for r in rs if r["status"] == "done"]
-        entry = {"task": task, "variant": variant, "label": rs[0]["label"], "bits": bits,
-                 "seeds": sorted(r["seed"] for r in ok), "diverged": sorted(r["seed"] for r in rs if r not in ok)}
-        entry.update({m: mean_std([r.get(m) for r in ok]) for m in METRICS})
-        out.append(entry)
+        out.append({"task": task, "variant": variant, "bits": bits, **ablation.seed_summary(rs, METRICS)})
     if len(tasks) > 1:
         rows = {(r["variant"], r["bits"]): r["label"] for r in records}
         for (variant, bits), label in rows.items():
