@@ -60,6 +60,7 @@ from alignq_jax.cli.classification import (
     settings_of,
     workdir_lock,
 )
+from alignq_jax.data.batching import close_if_closable
 from alignq_jax.models import MODELS
 from alignq_jax.quantizers import LEVEL_MODES
 from alignq_jax.training.loop import interrupts_outside
@@ -795,9 +796,7 @@ def run_cell(ctx: Context, cell: Cell, config) -> dict:
                     strength = admm_strength(config, ctx.dataset.num_classes, result.state, batches,
                                              num_batches=args.admm_strength_batches, seed=cell.seed)
                 finally:
-                    close = getattr(batches, "close", None)
-                    if close is not None:  # stops the prefetching thread of a generator left half read
-                        close()
+                    close_if_closable(batches)  # stops the prefetching thread of a generator left half read
     record = {
         **cell_identity(cell),
         "label": FP32_LABEL if fp else variant.label,

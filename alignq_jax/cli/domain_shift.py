@@ -71,6 +71,7 @@ from alignq_jax.cli.classification import (
     run_cli,
     settings_of,
 )
+from alignq_jax.data.batching import close_if_closable
 from alignq_jax.models import MODELS
 from alignq_jax.quantizers import LEVEL_MODES
 
@@ -367,9 +368,7 @@ class TaskData:
 
     def close(self) -> None:
         for ds in (self.paired.source, self.target, self.source_test):
-            close = getattr(ds, "close", None)
-            if close is not None:
-                close()
+            close_if_closable(ds)
 
 
 def digit_task_data(args, task: str) -> TaskData:
@@ -433,9 +432,7 @@ def adabn_images(target, batch_size: int, num_batches: int):
                     break
                 yield {"image": batch["image"]}
         finally:
-            close = getattr(batches, "close", None)
-            if close is not None:  # stops a prefetching thread or grain workers left half read
-                close()
+            close_if_closable(batches)  # stops a prefetching thread or grain workers left half read
 
     return images(), n
 

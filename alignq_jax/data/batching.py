@@ -248,6 +248,14 @@ class _Failure:
 _END = object()
 
 
+def close_if_closable(obj) -> None:
+    """Calls ``obj.close()`` when it has one: a batch generator left half read (stops its prefetching thread or
+    grain workers), or a data set holding worker processes."""
+    close = getattr(obj, "close", None)
+    if close is not None:
+        close()
+
+
 def prefetch_in_thread(iterable: Iterable[Any], size: int = 2) -> Iterator[Any]:
     """Runs ``iterable`` on a daemon thread, buffering up to ``size`` items in a bounded queue.
 

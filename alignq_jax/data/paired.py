@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
+from alignq_jax.data.batching import close_if_closable
+
 # The target's data order is drawn from another seed than the source's, so the two shuffles are independent.
 _TARGET_SEED_OFFSET = 7919
 
@@ -91,6 +93,4 @@ def _cycle(dataset, batch_size: int, seed: int, epoch: int, steps: int, shard: d
             for batch in batches:
                 yield batch
         finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+            close_if_closable(batches)

@@ -28,6 +28,7 @@ import numpy as np
 
 from alignq_jax.admm import ADMMState
 from alignq_jax.data import ArrayDataset
+from alignq_jax.data.batching import close_if_closable
 from alignq_jax.training.batchnorm import reestimate_batch_stats
 from alignq_jax.training.state import TrainConfig, TrainState, create_train_state, make_model
 from alignq_jax.training.steps import Steps, canonical_state, make_steps, process_batch_size
@@ -158,9 +159,7 @@ def first_train_images(config: TrainConfig, dataset) -> np.ndarray:
     except StopIteration:
         raise ValueError("the training set yields no batch: it is smaller than the batch size") from None
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        close_if_closable(batches)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -555,9 +554,7 @@ def reestimate_for_fit(config: TrainConfig, dataset, params, batch_stats, epoch:
             model, {"params": params, "batch_stats": batch_stats}, passes, across_processes=jax.process_count() > 1,
         )
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
+        close_if_closable(batches)
     return stats, n
 
 
